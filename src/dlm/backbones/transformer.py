@@ -1,0 +1,218 @@
+"""One transformer for every family.
+
+* bidirectional + adaLN time conditioning + rotary positions: the DiT of MDLM / Duo / SEDD;
+* bidirectional without time conditioning: MDLM's default for masked diffusion (the
+  number of masks already tells the network the noise level);
+* causal: the GPT baseline, with a KV cache for sampling.
+
+Attention goes through ``F.scaled_dot_product_attention``, which picks flash / memory-
+efficient kernels on GPUs that have them; flash-attn is never required.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class TransformerConfig:
+    vocab_in: int  # input tokens (data vocabulary, plus [MASK] for masked diffusion)
+    vocab_out: int  # predicted tokens (never [MASK]: the SUBS parameterisation)
+    n_layer: int
+    n_head: int
+    d_model: int
+    causal: bool = False
+    cond_dim: int = 0  # 0: no time conditioning
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoFormer), cos/sin tables grown on demand."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is None or self._cache[0] < length or self._cache[1] != device:
+            pos = torch.arange(length, device=device, dtype=torch.float32)
+            freqs = torch.outer(pos, self.inv_freq.to(device))  # (T, D/2)
+            self._cache = (length, device, freqs.cos(), freqs.sin())
+        _, _, cos, sin = self._cache
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (T, D/2). Rotates pairs (x_i, x_{i+D/2})."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+class KVCache:
+    """Per-layer keys and values of the tokens seen so far (causal sampling only)."""
+
+    def __init__(self, n_layer: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+        self.causal = cfg.causal
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, D)
+        is_causal = self.causal
+        if cache is not None:
+            if cache.k[layer] is not None:
+                k = torch.cat([cache.k[layer], k], dim=2)
+                v = torch.cat([cache.v[layer], v], dim=2)
+                # decoding: the new queries come after every cached key
+                if T != 1:
+                    raise ValueError("a KV cache decodes one token at a time after the prefill")
+                is_causal = False
+            cache.k[layer], cache.v[layer] = k, v
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        hidden = cfg.mlp_ratio * cfg.d_model
+        self.fc = nn.Linear(cfg.d_model, hidden, bias=True)
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=True)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class Block(nn.Module):
+    """Pre-norm block; with ``cond_dim`` > 0 the norms are adaLN-modulated and the residual
+    branches gated by the time embedding (DiT), with the modulation initialised to zero."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model, bias=False)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.d_model, bias=False)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.ada = nn.Linear(cfg.cond_dim, 6 * cfg.d_model) if cfg.cond_dim else None
+
+    def forward(self, x, c, cos, sin, cache=None, layer=0):
+        if self.ada is None:
+            x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer))
+            return x + self.mlp(self.norm2(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)
+        h = self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, cache, layer)
+        x = x + gate1 * self.drop(h)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of t ∈ [0, 1] followed by an MLP (DiT's TimestepEmbedder)."""
+
+    def __init__(self, cond_dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+        args = 1000.0 * t.float()[:, None] * freqs[None]  # scale t to DiT's integer-step range
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_in, cfg.d_model)
+        self.rotary = Rotary(cfg.d_model // cfg.n_head, cfg.rope_base)
+        self.time = TimeEmbedding(cfg.cond_dim) if cfg.cond_dim else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.LayerNorm(cfg.d_model, bias=False)
+        self.final_ada = nn.Linear(cfg.cond_dim, 2 * cfg.d_model) if cfg.cond_dim else None
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_out, bias=True)
+        self._init_weights()
+
+    def _init_weights(self):
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        # residual projections scaled by depth (GPT-2)
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+        # adaLN-zero (DiT) and a zero output layer: the untrained model predicts uniformly
+        for block in self.blocks:
+            if block.ada is not None:
+                nn.init.zeros_(block.ada.weight)
+                nn.init.zeros_(block.ada.bias)
+        if self.final_ada is not None:
+            nn.init.zeros_(self.final_ada.weight)
+            nn.init.zeros_(self.final_ada.bias)
+        nn.init.zeros_(self.head.weight)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T) token ids; t: (B,) times in [0, 1] (time-conditioned models only).
+
+        Returns float32 logits (B, T, vocab_out). With a ``cache``, x holds the tokens after
+        ``cache.length`` and their positions continue from there.
+        """
+        B, T = x.shape
+        start = cache.length if cache is not None else 0
+        cos, sin = self.rotary(start + T, x.device)
+        cos, sin = cos[start : start + T], sin[start : start + T]
+        c = None
+        if self.time is not None:
+            if t is None:
+                raise ValueError("this backbone is time-conditioned: pass t")
+            c = F.silu(self.time(t))
+        h = self.embed(x)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, cos, sin, cache, i)
+        h = self.norm(h)
+        if self.final_ada is not None:
+            shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
+            h = modulate(h, shift, scale)
+        if cache is not None:
+            cache.length += T
+        return self.head(h).float()  # (B, T, V)

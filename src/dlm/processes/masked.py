@@ -1,0 +1,43 @@
+"""Masked (absorbing-state) diffusion, as in MDLM (Sahoo et al. 2024, arXiv 2406.07524).
+
+Forward marginal, per token independently:
+
+    q(x_t | x0) = α_t · δ(x_t = x0) + (1 − α_t) · δ(x_t = m),
+
+where m = ``mask_id`` = ``vocab_size`` is an extra input token that the network embeds but
+never predicts. Reverse posterior for s < t, for a position that is masked at time t:
+
+    q(x_s = x0 | x_t = m, x0) = (α_s − α_t) / (1 − α_t),
+    q(x_s = m  | x_t = m, x0) = (1 − α_s) / (1 − α_t);
+
+an unmasked position stays as it is (the "carry-over" of the SUBS parameterisation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dlm.processes.base import Process
+
+
+class MaskedProcess(Process):
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def input_vocab_size(self) -> int:
+        return self.vocab_size + 1
+
+    def corrupt(self, x0, t, generator):
+        alpha_t = self.schedule.alpha(t)[:, None]  # (B, 1)
+        u = torch.rand(x0.shape, generator=generator, device=x0.device)
+        return torch.where(u < 1.0 - alpha_t, torch.full_like(x0, self.mask_id), x0)
+
+    def prior(self, shape, generator, device):
+        return torch.full(shape, self.mask_id, dtype=torch.long, device=device)
+
+    def unmask_probability(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """q(x_s ≠ m | x_t = m) = (α_s − α_t) / (1 − α_t); exactly 1 when s = 0."""
+        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s)
+        return ((alpha_s - alpha_t) / (1.0 - alpha_t).clamp_min(1e-12)).clamp(0.0, 1.0)
