@@ -85,6 +85,8 @@ def tokenize_cached(corpus: Corpus, tok: Tokenizer, val_fraction: float) -> Path
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
     try:
         counts = {split: _write_stream(corpus.docs(split), tok, tmp / f"{split}.bin", dtype) for split in ("train", "val")}
+        if counts["train"] == 0:
+            raise DlmError(f"no text found in data '{corpus.name}'")
         meta = {
             "dtype": np.dtype(dtype).name,
             "tokens": counts,

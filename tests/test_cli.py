@@ -1,0 +1,241 @@
+"""The command line end to end on a tiny model: train → checkpoint → resume → eval → sample,
+clean stops, and one clear line for every kind of bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dlm.cli import main
+
+TINY = ["--size", "tiny", "--seq-len", "32", "--batch-size", "8", "--tokenizer", "char", "--seed", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    f = d / "text.txt"
+    f.write_text("".join(f"To be, or not to be, that is the question {i}.\n" for i in range(400)))
+    return f
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("dlm: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("family", ["mdlm", "ar"])
+def test_train_resume_eval_sample(family, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(["train", "--family", family, "--data", str(corpus), "--out", str(out), "--steps", "6", *TINY], capsys)
+    assert code == 0, err
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert (out / "checkpoints" / "step_00000006" / "model.safetensors").is_file()
+
+    code, _, err = run(["train", "--out", str(out), "--resume", "--steps", "10", "--quiet"], capsys)
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [6, 10]  # each run logs its last step; no step twice across the resume
+
+    code, stdout, err = run(["eval", str(out), "--json", "--mc-samples", "2"], capsys)
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert {"nll", "ppl", "bits_per_token", "bits_per_byte", "stderr", "tokens"} <= set(r)
+    assert r["step"] == 10 and r["bound"] == (family == "mdlm")
+    assert r["ppl"] == pytest.approx(torch.tensor(r["nll"]).exp().item(), rel=1e-6)
+    assert 0 < r["nll"] < 10 and r["stderr"] > 0
+
+    code, stdout, err = run(["sample", str(out), "--num", "2", "--steps", "8", "--prompt", "To be", "--json"], capsys)
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert len(s["samples"]) == 2 and all(t.startswith("To be") for t in s["samples"])
+    assert s["seconds"] > 0
+
+
+def test_eval_on_other_data_and_train_split(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["train", "--family", "ar", "--data", str(corpus), "--out", str(out), "--steps", "3", *TINY], capsys)[0] == 0
+    other = tmp_path / "other.txt"
+    other.write_text("that is the question.\n" * 300)
+    code, stdout, err = run(["eval", str(out), "--data", str(other), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["data"] == str(other)
+    code, stdout, _ = run(["eval", str(out), "--split", "train", "--max-tokens", "256", "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["tokens"] == 256
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "dlm", *args]
+
+
+def _train_cmd(corpus, out, steps):
+    return _cli("train", "--family", "mdlm", "--data", str(corpus), "--out", str(out), "--steps", str(steps),
+                *TINY, "train.log_every=1", "train.ema_decay=0.99")
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(corpus, tmp_path):
+    """A run stopped by SIGTERM and resumed ends with exactly the weights of a run never stopped."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = 60
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(corpus, straight, steps), check=True, env=env, capture_output=True)
+
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(_train_cmd(corpus, stopped, steps), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = stopped / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err.decode()
+    assert b"--resume" in err
+    at = int((stopped / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 5 <= at < steps
+
+    resumed = subprocess.run(_cli("train", "--out", str(stopped), "--resume", "--quiet"), env=env, capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(straight / "checkpoints" / f"step_{steps:08d}" / name)
+        b = load_file(stopped / "checkpoints" / f"step_{steps:08d}" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    lines = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, steps + 1))
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    r = subprocess.run(_cli("eval", str(tmp_path / "missing")), capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("dlm: error:") and "Traceback" not in r.stderr
+
+
+# ---- bad input: one line, exit 2, nothing half-written ----------------------------------
+
+def test_missing_data(tmp_path, capsys):
+    code, _, err = run(["train", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r"), *TINY], capsys)
+    one_line_error(code, err, "not a file, a folder or a known corpus")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("content,fragment", [(b"", "is empty"), (b"\x80\x81 not text", "not UTF-8"), (b"\n \n", "no text")])
+def test_bad_data_files(tmp_path, capsys, content, fragment):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(content)
+    code, _, err = run(["train", "--data", str(f), "--out", str(tmp_path / "r"), *TINY], capsys)
+    one_line_error(code, err, fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_too_little_data_for_the_sequence_length(tmp_path, capsys):
+    f = tmp_path / "short.txt"
+    f.write_text("only a few words\n")
+    code, _, err = run(["train", "--data", str(f), "--out", str(tmp_path / "r"), *TINY], capsys)
+    one_line_error(code, err, "fewer than one sequence")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--seq-len", "1"], "seq_len must be ≥ 2"),
+        (["--seq-len", "100000"], "more than this backbone takes"),
+        (["--family", "gaussian-bogus"], "unknown family 'gaussian-bogus'"),
+        (["--tokenizer", "wordpiece"], "unknown tokenizer 'wordpiece'"),
+        (["--size", "huge"], "unknown model size 'huge'"),
+        (["train.lrr=1"], "unknown config key 'train.lrr'"),
+        (["--schedule", "sqrt"], "unknown schedule 'sqrt'"),
+        (["--objective", "sedd"], "unknown masked-diffusion objective 'sedd'"),
+    ],
+)
+def test_bad_settings(corpus, tmp_path, capsys, argv, fragment):
+    code, _, err = run(["train", "--data", str(corpus), "--out", str(tmp_path / "r"), "--steps", "2", *TINY, *argv], capsys)
+    one_line_error(code, err, fragment)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["train", "--family", "mdlm", "--data", str(corpus), "--out", str(out), "--steps", "2", *TINY]) == 0
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_existing_run_is_not_overwritten(trained, corpus, capsys):
+    before = (trained / "checkpoints" / "latest").read_text()
+    code, _, err = run(["train", "--data", str(corpus), "--out", str(trained), *TINY], capsys)
+    one_line_error(code, err, "already holds a run", "--resume")
+    assert (trained / "checkpoints" / "latest").read_text() == before
+
+
+def test_missing_and_foreign_run_folders(tmp_path, capsys):
+    one_line_error(*run(["eval", str(tmp_path / "nope")], capsys)[::2], "does not exist")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "model.pt").write_bytes(b"not ours")
+    one_line_error(*run(["sample", str(tmp_path / "foreign")], capsys)[::2], "not a dlm run folder")
+
+
+def test_corrupt_checkpoint(trained, tmp_path, capsys):
+    run_dir = _copy(trained, tmp_path / "corrupt")
+    weights = run_dir / "checkpoints" / "step_00000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    one_line_error(*run(["eval", str(run_dir)], capsys)[::2], "corrupt")
+    one_line_error(*run(["eval", str(run_dir), "--no-ema"], capsys)[::2], "corrupt")
+
+
+def test_missing_checkpoint(trained, tmp_path, capsys):
+    run_dir = _copy(trained, tmp_path / "nockpt")
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints")
+    one_line_error(*run(["sample", str(run_dir)], capsys)[::2], "no checkpoint")
+
+
+def test_tokenizer_that_does_not_match_the_checkpoint(trained, tmp_path, capsys):
+    from dlm.data import TOKENIZERS
+
+    run_dir = _copy(trained, tmp_path / "mismatch")
+    TOKENIZERS.get("char").build(["abc"], 0).save(run_dir / "tokenizer.json")
+    one_line_error(*run(["eval", str(run_dir)], capsys)[::2], "do not belong together")
+    TOKENIZERS.get("byte").build([], 0).save(run_dir / "tokenizer.json")
+    one_line_error(*run(["sample", str(run_dir)], capsys)[::2], "'byte' tokenizer")
+
+
+def test_resume_refuses_a_different_tokenizer(trained, tmp_path, capsys):
+    run_dir = _copy(trained, tmp_path / "resume")
+    one_line_error(*run(["train", "--out", str(run_dir), "--resume", "--tokenizer", "bpe", "--steps", "4"], capsys)[::2],
+                   "data.tokenizer is 'char'")
+    one_line_error(*run(["train", "--out", str(run_dir), "--resume", "--quiet"], capsys)[::2], "already finished 2 steps")
+
+
+def test_sample_length_longer_than_trained(trained, capsys):
+    one_line_error(*run(["sample", str(trained), "--length", "4096"], capsys)[::2], "--length must be in [1, 32]")
+    one_line_error(*run(["sample", str(trained), "--length", "4", "--prompt", "To be or not"], capsys)[::2],
+                   "must be shorter than --length")
+    one_line_error(*run(["sample", str(trained), "--top-p", "0"], capsys)[::2], "top_p")

@@ -1,0 +1,130 @@
+import math
+
+import pytest
+import torch
+
+from dlm.config import RunConfig
+from dlm.families import FAMILIES
+from dlm.objectives import LLaDACrossEntropy, MDLMNelbo
+from dlm.processes import MaskedProcess, antithetic_times
+from dlm.samplers import SamplingOptions
+from dlm.schedules import get_schedule
+
+V = 11
+
+
+def process(name="loglinear"):
+    return MaskedProcess(V, get_schedule(name))
+
+
+@pytest.mark.parametrize("name", ["loglinear", "cosine", "linear", "geometric"])
+def test_corruption_at_t0_is_identity_and_at_t1_all_mask(name, gen):
+    p = process(name)
+    x0 = torch.randint(0, V, (8, 50), generator=gen)
+    assert torch.equal(p.corrupt(x0, torch.zeros(8), gen), x0)
+    assert torch.all(p.corrupt(x0, torch.ones(8), gen) == p.mask_id)
+
+
+def test_masked_fraction_matches_alpha(gen):
+    p = process("cosine")
+    x0 = torch.randint(0, V, (4, 20000), generator=gen)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    frac = (p.corrupt(x0, t, gen) == p.mask_id).float().mean(1)
+    expected = 1 - p.schedule.alpha(t)
+    assert torch.allclose(frac, expected, atol=0.015)
+
+
+def test_unmasked_positions_keep_x0(gen):
+    p = process()
+    x0 = torch.randint(0, V, (4, 100), generator=gen)
+    xt = p.corrupt(x0, torch.full((4,), 0.5), gen)
+    keep = xt != p.mask_id
+    assert torch.equal(xt[keep], x0[keep])
+
+
+def test_unmask_probability_is_one_at_the_last_step():
+    p = process("cosine")
+    assert p.unmask_probability(torch.tensor(0.3), torch.tensor(0.0)).item() == 1.0
+    assert 0 < p.unmask_probability(torch.tensor(0.6), torch.tensor(0.5)).item() < 1
+
+
+def test_antithetic_times_cover_the_interval(gen):
+    t = antithetic_times(8, gen, "cpu", t_min=1e-3)
+    assert t.min() >= 1e-3 and t.max() <= 1
+    gaps = torch.sort(t).values.diff()
+    torch.testing.assert_close(gaps, torch.full_like(gaps, (1 - 1e-3) / 8))
+
+
+def test_nelbo_ignores_unmasked_positions(gen):
+    """Changing the model's output where x_t is not masked leaves the loss unchanged."""
+    p = process()
+    x0 = torch.randint(0, V, (3, 30), generator=gen)
+    t = torch.tensor([0.3, 0.5, 0.9])
+    xt = p.corrupt(x0, t, gen)
+    logits = torch.randn(3, 30, V, generator=gen)
+    other = logits.clone()
+    unmasked = xt != p.mask_id
+    other[unmasked] = torch.randn(int(unmasked.sum()), V, generator=gen) * 5
+    loss = MDLMNelbo()
+    torch.testing.assert_close(loss(logits, x0, xt, t, p), loss(other, x0, xt, t, p))
+    changed = logits.clone()
+    changed[~unmasked] += torch.randn(int((~unmasked).sum()), V, generator=gen)
+    assert not torch.allclose(loss(logits, x0, xt, t, p), loss(changed, x0, xt, t, p))
+
+
+def test_nelbo_of_a_uniform_model_is_log_v_per_token(gen):
+    """With p_θ uniform, E_t[w(t) · #masked · log V] = L · log V for any schedule."""
+    for name in ["loglinear", "cosine"]:
+        p = process(name)
+        x0 = torch.randint(0, V, (4096, 16), generator=gen)
+        t = antithetic_times(4096, gen, "cpu", t_min=1e-4)
+        xt = p.corrupt(x0, t, gen)
+        per_seq = MDLMNelbo()(torch.zeros(4096, 16, V), x0, xt, t, p)
+        assert per_seq.mean().item() / 16 == pytest.approx(math.log(V), rel=0.03)
+
+
+def test_llada_equals_nelbo_for_loglinear(gen):
+    p = process("loglinear")
+    x0 = torch.randint(0, V, (4, 20), generator=gen)
+    t = torch.tensor([0.1, 0.3, 0.6, 0.9])
+    xt = p.corrupt(x0, t, gen)
+    logits = torch.randn(4, 20, V, generator=gen)
+    torch.testing.assert_close(LLaDACrossEntropy()(logits, x0, xt, t, p), MDLMNelbo()(logits, x0, xt, t, p))
+
+
+def tiny_mdlm(time_conditioning=None):
+    cfg = RunConfig(family="mdlm", time_conditioning=time_conditioning)
+    fam = FAMILIES.get("mdlm")(cfg, V, eos_id=V - 1)
+    torch.manual_seed(0)
+    model = fam.build_model().eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # a non-uniform (random) predictor
+    return fam, model
+
+
+@pytest.mark.parametrize("steps", [1, 3, 17, 200])
+def test_sampler_leaves_no_mask_and_keeps_prompt(steps, gen):
+    fam, model = tiny_mdlm()
+    prompt = torch.tensor([1, 2, 3])
+    x, nfe = fam.sample(model, 3, 24, prompt, gen, steps, SamplingOptions())
+    assert x.shape == (3, 24)
+    assert not (x == fam.process.mask_id).any()
+    assert torch.all(x[:, :3] == prompt)
+    assert 1 <= nfe <= steps
+
+
+def test_cache_skips_calls_without_changing_samples():
+    fam, model = tiny_mdlm()
+    sampler = fam.sampler_cls(256, SamplingOptions(), use_cache=True)
+    cached, nfe_cached = sampler.sample(model, fam.process, 2, 16, None, torch.Generator().manual_seed(1), False)
+    sampler.use_cache = False
+    plain, nfe_plain = sampler.sample(model, fam.process, 2, 16, None, torch.Generator().manual_seed(1), False)
+    assert torch.equal(cached, plain)
+    # a call is needed only after a step that unmasked something: ≤ one per token of the batch
+    assert nfe_cached <= 2 * 16 + 1 < nfe_plain
+
+
+def test_time_conditioned_sampler_runs_every_step(gen):
+    fam, model = tiny_mdlm(time_conditioning=True)
+    x, nfe = fam.sample(model, 2, 16, None, gen, 20, SamplingOptions())
+    assert not (x == fam.process.mask_id).any()
+    assert nfe == 20
