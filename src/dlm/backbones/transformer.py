@@ -191,11 +191,14 @@ class Transformer(nn.Module):
         x: torch.Tensor,
         t: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, T) token ids; t: (B,) times in [0, 1] (time-conditioned models only).
 
-        Returns float32 logits (B, T, vocab_out). With a ``cache``, x holds the tokens after
-        ``cache.length`` and their positions continue from there.
+        Returns float32 logits (B, T, vocab_out), or (N, vocab_out) at the N positions where
+        the boolean mask ``positions`` (B, T) is true: a loss that only scores masked tokens
+        then skips the output layer (often the largest matmul) everywhere else. With a
+        ``cache``, x holds the tokens after ``cache.length`` and positions continue from there.
         """
         B, T = x.shape
         start = cache.length if cache is not None else 0
@@ -215,4 +218,6 @@ class Transformer(nn.Module):
             h = modulate(h, shift, scale)
         if cache is not None:
             cache.length += T
-        return self.head(h).float()  # (B, T, V)
+        if positions is not None:
+            h = h[positions]  # (N, C), row-major order
+        return self.head(h).float()  # (B, T, V) or (N, V)

@@ -31,14 +31,15 @@ class MDLM(Family):
     def input_vocab_size(self) -> int:
         return self.process.input_vocab_size
 
-    def _forward(self, model, xt, t):
-        return model(xt, t if self.time_conditioned else None)
+    def _score(self, objective, model, x0, xt, t):
+        where = objective.positions(x0, xt, self.process)  # (B, L)
+        logits = model(xt, t if self.time_conditioned else None, positions=where)  # (N, V)
+        return objective(logits, x0, xt, t, self.process, where)  # (B,)
 
     def loss(self, model, x0, generator):
         t = antithetic_times(x0.shape[0], generator, x0.device, TRAIN_T_MIN)
         xt = self.process.corrupt(x0, t, generator)
-        per_seq = self.objective(self._forward(model, xt, t), x0, xt, t, self.process)
-        return per_seq.mean() / x0.shape[1]
+        return self._score(self.objective, model, x0, xt, t).mean() / x0.shape[1]
 
     def nll(self, model, x0, generator, mc_samples):
         B = x0.shape[0]
@@ -48,7 +49,7 @@ class MDLM(Family):
         for k in range(mc_samples):
             t = EVAL_T_MIN + (1.0 - EVAL_T_MIN) * ((u + k / mc_samples) % 1.0)
             xt = self.process.corrupt(x0, t, generator)
-            total += self.bound(self._forward(model, xt, t), x0, xt, t, self.process).double()
+            total += self._score(self.bound, model, x0, xt, t).double()
         return (1.0 - EVAL_T_MIN) * total / mc_samples
 
     def sample(self, model, num, length, prompt, generator, steps, options):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dlm.objectives.masked import token_nll
+import torch.nn.functional as F
 
 
 class NextTokenCrossEntropy:
@@ -14,4 +14,5 @@ class NextTokenCrossEntropy:
     name = "ce"
 
     def __call__(self, logits: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return token_nll(logits, x0).sum(-1)
+        B, L, V = logits.shape
+        return F.cross_entropy(logits.reshape(B * L, V), x0.reshape(B * L), reduction="none").view(B, L).sum(-1)

@@ -1,4 +1,9 @@
-"""Losses of masked diffusion. Each maps (logits, x0, xt, t, process) to per-sequence nats (B,)."""
+"""Losses of masked diffusion.
+
+Each objective says which ``positions`` (B, L) it scores and maps the logits at those
+positions, (N, V), to per-sequence nats (B,). Only masked positions carry a loss in masked
+diffusion, so the network's output layer runs on those alone.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,23 @@ import torch.nn.functional as F
 from dlm.processes.masked import MaskedProcess
 
 
-def token_nll(logits: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """−log p_θ(x0_l | x_t) at every position: (B, L, V), (B, L) → (B, L)."""
-    B, L, V = logits.shape
-    return F.cross_entropy(logits.reshape(B * L, V), x0.reshape(B * L), reduction="none").view(B, L)
+def per_sequence(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Sum (N,) values taken at the true entries of ``positions`` (B, L) back per row: (B,)."""
+    rows = positions.nonzero(as_tuple=True)[0]
+    out = torch.zeros(positions.shape[0], dtype=values.dtype, device=values.device)
+    return out.index_add_(0, rows, values)
 
 
-class MDLMNelbo:
+class MaskedObjective:
+    def positions(self, x0: torch.Tensor, xt: torch.Tensor, process: MaskedProcess) -> torch.Tensor:
+        return xt == process.mask_id
+
+    def masked_nll(self, logits, x0, positions) -> torch.Tensor:
+        """Σ over masked l of −log p_θ(x0^l | x_t), per sequence: (B,)."""
+        return per_sequence(F.cross_entropy(logits, x0[positions], reduction="none"), positions)
+
+
+class MDLMNelbo(MaskedObjective):
     """Continuous-time NELBO of masked diffusion (MDLM eq. 10), for α(0) = 1, α(1) = 0:
 
         −log p(x0) ≤ ∫₀¹ −α'_t / (1 − α_t) · E_q Σ_{l: x_t^l = m} −log p_θ(x0^l | x_t) dt.
@@ -25,19 +40,17 @@ class MDLMNelbo:
 
     name = "nelbo"
 
-    def __call__(self, logits, x0, xt, t, process: MaskedProcess) -> torch.Tensor:
-        masked = (xt == process.mask_id).float()
-        return process.schedule.weight(t) * (token_nll(logits, x0) * masked).sum(-1)
+    def __call__(self, logits, x0, xt, t, process: MaskedProcess, positions) -> torch.Tensor:
+        return process.schedule.weight(t) * self.masked_nll(logits, x0, positions)
 
 
-class LLaDACrossEntropy:
+class LLaDACrossEntropy(MaskedObjective):
     """LLaDA's objective (arXiv 2502.09992): masked cross-entropy divided by the masking
     probability 1 − α_t. Equal to the NELBO for the log-linear schedule, a reweighting for
     the others; ``dlm eval`` always reports the NELBO."""
 
     name = "llada"
 
-    def __call__(self, logits, x0, xt, t, process: MaskedProcess) -> torch.Tensor:
-        masked = (xt == process.mask_id).float()
+    def __call__(self, logits, x0, xt, t, process: MaskedProcess, positions) -> torch.Tensor:
         mask_prob = (1.0 - process.schedule.alpha(t)).clamp_min(1e-6)
-        return (token_nll(logits, x0) * masked).sum(-1) / mask_prob
+        return self.masked_nll(logits, x0, positions) / mask_prob

@@ -1,0 +1,113 @@
+"""Foundation benchmark: training throughput of AR vs MDLM at equal size, quickstart wall
+time, and the quickstart's bits per byte next to an AR baseline trained for the same time.
+
+    python benchmarks/foundation.py            # ~15 min on 2 CPU cores
+    python benchmarks/foundation.py --quick    # throughput only
+
+Writes benchmarks/results/foundation.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
+
+
+def dlm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dlm", *args], check=True, capture_output=True, text=True)
+
+
+def throughput(tmp: Path, family: str, size: str, steps: int = 40) -> float:
+    """Training tokens/s (forward + backward + AdamW + EMA) after the first 10 steps."""
+    out = tmp / f"tp-{family}-{size}"
+    dlm("train", "--config", "quickstart", "--family", family, "--size", size, "--steps", str(steps),
+        "--out", str(out), "--quiet", "train.log_every=10")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in rows[1:]]  # the first window holds the warm-up
+    return sum(rates) / len(rates)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="throughput only")
+    ap.add_argument("--sizes", default="tiny,mini")
+    args = ap.parse_args()
+    results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        dlm("train", "--config", "quickstart", "--steps", "1", "--out", str(tmp / "warm"), "--quiet")  # fill the token cache
+        results["throughput"] = [
+            {"family": fam, "size": size, "tokens_per_s": round(throughput(tmp, fam, size))}
+            for size in args.sizes.split(",")
+            for fam in ("ar", "mdlm")
+        ]
+        if not args.quick:
+            t0 = time.perf_counter()
+            dlm("quickstart", "--out", str(tmp / "qs"), "--quiet")
+            wall = time.perf_counter() - t0
+            qs = json.loads((tmp / "qs" / "quickstart.json").read_text())
+            budget = qs["train"]["elapsed_s"]
+            dlm("train", "--config", "quickstart", "--family", "ar", "--steps", "1000000", "--time-budget",
+                str(budget), "--out", str(tmp / "ar"), "--quiet")
+            ar = json.loads(dlm("eval", str(tmp / "ar"), "--json").stdout)
+            results["quickstart"] = {
+                "wall_s": round(wall, 1),
+                "train_s": round(budget, 1),
+                "steps": qs["train"]["step"],
+                "bits_per_byte": qs["eval"]["bits_per_byte"],
+                "stderr_bits_per_byte": qs["eval"]["stderr_bits_per_byte"],
+                "unigram_bits_per_byte": qs["eval"]["unigram_bits_per_byte"],
+                "samples": qs["samples"]["samples"],
+            }
+            results["ar_same_time"] = {
+                "train_s": budget,
+                "steps": ar["step"],
+                "bits_per_byte": ar["bits_per_byte"],
+                "stderr_bits_per_byte": ar["stderr_bits_per_byte"],
+            }
+    out = HERE / "results" / "foundation.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print("| family | size | training tokens/s |\n|---|---|---|")
+    for r in results["throughput"]:
+        print(f"| {r['family']} | {r['size']} | {r['tokens_per_s']:,} |")
+    if "quickstart" in results:
+        q, a = results["quickstart"], results["ar_same_time"]
+        print(f"\nquickstart: {q['wall_s'] / 60:.1f} min wall, {q['steps']} steps in {q['train_s']:.0f} s; "
+              f"MDLM {q['bits_per_byte']:.3f} ± {q['stderr_bits_per_byte']:.3f} bits/byte (upper bound), "
+              f"AR same time {a['bits_per_byte']:.3f} ({a['steps']} steps), unigram {q['unigram_bits_per_byte']:.3f}")
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
