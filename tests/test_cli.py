@@ -239,3 +239,18 @@ def test_sample_length_longer_than_trained(trained, capsys):
     one_line_error(*run(["sample", str(trained), "--length", "4", "--prompt", "To be or not"], capsys)[::2],
                    "must be shorter than --length")
     one_line_error(*run(["sample", str(trained), "--top-p", "0"], capsys)[::2], "top_p")
+
+
+def test_quickstart_command_path(tmp_path, capsys):
+    """The quickstart's own path (built-in corpus, BPE, train, eval, samples, run folder), shortened."""
+    out = tmp_path / "qs"
+    code = main(["quickstart", "--out", str(out), "--steps", "3", "--quiet", "model.size=tiny",
+                 "eval.max_tokens=1024", "sample.steps=4", "data.seq_len=32"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["train"]["step"] == 3 and summary["eval"]["bound"] is True
+    assert "unigram_bits_per_byte" in summary["eval"]
+    assert len(summary["samples"]["samples"]) == 4
+    assert (out / "samples.txt").read_text().startswith("──── sample 1")
+    assert "bits/byte" in stdout and str(out) in stdout

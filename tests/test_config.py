@@ -12,7 +12,8 @@ def test_defaults_yaml_overrides_and_flags_in_order(tmp_path):
 
 
 def test_shipped_config_by_name():
-    assert build_config("quickstart", [], {}).model.size == "mini"
+    cfg = build_config("quickstart", [], {})
+    assert cfg.family == "mdlm" and cfg.data.data == "shakespeare" and cfg.train.steps == 1800
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,10 @@ SIZES: dict[str, Size] = {
     "tiny": Size(2, 4, 128),  # seconds on a CPU: tests and smoke runs
     "mini": Size(4, 4, 256),  # the quickstart: minutes on 2 CPU cores
     "micro": Size(6, 6, 384),
-    "small": Size(12, 12, 768),  # ≈170M params with GPT-2 vocab: MDLM / Duo / SEDD "small"
-    "medium": Size(24, 16, 1024),  # ≈460M with GPT-2 vocab: the papers' "medium"
+    # with the GPT-2 vocabulary: 162M parameters, 169M with adaLN time conditioning
+    # (MDLM / Duo / SEDD "small")
+    "small": Size(12, 12, 768),
+    "medium": Size(24, 16, 1024),  # 405M with the GPT-2 vocabulary
 }
 
 
