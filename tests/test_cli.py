@@ -254,3 +254,23 @@ def test_quickstart_command_path(tmp_path, capsys):
     assert len(summary["samples"]["samples"]) == 4
     assert (out / "samples.txt").read_text().startswith("──── sample 1")
     assert "bits/byte" in stdout and str(out) in stdout
+
+
+def test_torchrun_two_processes(corpus, tmp_path):
+    """Real torchrun, two CPU ranks over Gloo: train, resume, evaluate."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dlm"]
+    args = ["--family", "mdlm", "--data", str(corpus), "--out", str(out), *TINY, "train.log_every=1"]
+    r = subprocess.run([*launch, "train", "--steps", "4", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("trained ") == 1  # rank 0 alone reports
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert rows[-1]["tokens"] == 4 * 2 * 8 * 32  # steps × ranks × batch per rank × seq_len
+    r = subprocess.run([*launch, "train", "--out", str(out), "--resume", "--steps", "6", "--quiet"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    r = subprocess.run(_cli("eval", str(out), "--json"), capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["step"] == 6

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,8 @@ def cmd_train(args) -> int:
         flags = {k: v for k, v in _train_flags(args).items() if v is not None}
         cfg = build_config(args.config, args.overrides, flags)
     result = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports
     summary = {
         "run": str(out),
         "step": result.step,

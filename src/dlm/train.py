@@ -4,6 +4,8 @@ warm-up + cosine decay, EMA, logging, atomic checkpoints, exact resume, clean st
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import signal
@@ -22,6 +24,7 @@ from dlm.config import RunConfig
 from dlm.data import BlockLoader, TokenData, load_tokenizer, prepare_data
 from dlm.data.cache import require_blocks
 from dlm.device import autocast, generator, resolve_device
+from dlm.distributed import Dist, init_distributed
 from dlm.errors import DlmError
 from dlm.families import FAMILIES, Family
 
@@ -102,6 +105,15 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of the noise (times, masks) of one optimiser step on one rank.
+
+    Deriving it from (seed, rank, step) instead of carrying a generator along makes a
+    resumed run draw exactly the noise the uninterrupted run drew, on any number of ranks.
+    """
+    return int(hashlib.sha1(f"{seed}/{rank}/{step}".encode()).hexdigest()[:15], 16)
+
+
 def _metrics_writer(run_dir: Path, keep_until: int):
     """Append to metrics.jsonl, first dropping lines past the resumed step (a crashed run's)."""
     path = run_dir / "metrics.jsonl"
@@ -138,15 +150,31 @@ def train(
     progress: bool = True,
     data: TokenData | None = None,
 ) -> TrainResult:
-    """Train ``cfg`` into run folder ``out`` (or continue the run there with ``resume``)."""
-    out = Path(out)
+    """Train ``cfg`` into run folder ``out`` (or continue the run there with ``resume``).
+
+    Under torchrun every rank calls this; rank 0 alone writes the run folder.
+    """
     check_config(cfg)
     device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
+    dist = init_distributed(device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    try:
+        return _train(cfg, Path(out), resume, progress and dist.is_main, data, device, dist)
+    finally:
+        dist.shutdown()
 
+
+def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenData | None,
+           device: torch.device, dist: Dist) -> TrainResult:
+    torch.manual_seed(cfg.train.seed)
     if data is None:
         tokenizer = load_tokenizer(out / "tokenizer.json") if resume else None
+        if not dist.is_main:
+            dist.barrier()  # rank 0 tokenises (and trains the BPE) once; the others read its cache
         data = prepare_data(cfg.data, tokenizer)
+        if dist.is_main:
+            dist.barrier()
     require_blocks(data.train, cfg.data.seq_len, "training")
     tok = data.tokenizer
     family: Family = FAMILIES.get(cfg.family)(cfg, tok.vocab_size, tok.eos_id)
@@ -163,8 +191,8 @@ def train(
         fused=device.type == "cuda",
     )
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    loader = BlockLoader(data.train, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
-    noise = generator(device, cfg.train.seed + 1)
+    # one global batch of batch_size × world blocks per micro-step; rank r takes rows r::world
+    loader = BlockLoader(data.train, cfg.data.seq_len, cfg.train.batch_size * dist.world, cfg.train.seed)
 
     step, elapsed_before, tokens = 0, 0.0, 0
     if resume:
@@ -176,7 +204,6 @@ def train(
         try:
             opt.load_state_dict(st["optimizer"])
             loader.load_state_dict(st["loader"])
-            noise.set_state(st["noise_rng"])
             torch.set_rng_state(st["torch_rng"])
             if device.type == "cuda" and st.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(st["cuda_rng"], device)
@@ -185,14 +212,14 @@ def train(
         step, elapsed_before, tokens = ckpt.step, float(st["elapsed_s"]), int(st["tokens"])
         if step >= cfg.train.steps:
             raise DlmError(f"{out} already finished {step} steps; pass a larger --steps to train further")
-    else:
+    elif dist.is_main:
         create_run_dir(out, cfg, tok)
+    net = dist.wrap(model)
 
     def trainer_state() -> dict[str, Any]:
         return {
             "optimizer": opt.state_dict(),
             "loader": loader.state_dict(),
-            "noise_rng": noise.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "elapsed_s": elapsed_before + (time.perf_counter() - t_start),
@@ -200,10 +227,13 @@ def train(
         }
 
     def checkpoint() -> None:
-        save_checkpoint(out, step, model, ema.shadow if ema else None, trainer_state(), cfg.train.keep_checkpoints)
+        if dist.is_main:
+            save_checkpoint(out, step, model, ema.shadow if ema else None, trainer_state(), cfg.train.keep_checkpoints)
+        dist.barrier()
 
-    write_metrics, close_metrics = _metrics_writer(out, step)
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    write_metrics, close_metrics = _metrics_writer(out, step) if dist.is_main else (lambda rec: None, lambda: None)
+    accum = cfg.train.grad_accum
+    tokens_per_step = cfg.train.batch_size * accum * cfg.data.seq_len * dist.world
     budget = cfg.train.time_budget_s
     bar = tqdm(
         total=cfg.train.steps, initial=step, disable=not progress, unit="step", file=sys.stderr,
@@ -211,22 +241,29 @@ def train(
     )
     t_start = time.perf_counter()
     window_loss, window_steps, window_t, last_loss = 0.0, 0, t_start, float("nan")
+    stopped_by: str | None = None
     model.train()
     try:
         with _StopFlag() as stop:
             while step < cfg.train.steps:
                 elapsed = elapsed_before + time.perf_counter() - t_start
+                if budget > 0:  # every rank must use the same learning rate
+                    elapsed = dist.all_reduce([elapsed], op="max")[0]
                 prog = max(step / cfg.train.steps, elapsed / budget if budget > 0 else 0.0)
                 lr = lr_at(cfg, step, prog)
                 for group in opt.param_groups:
                     group["lr"] = lr
+                noise = generator(device, step_seed(cfg.train.seed, dist.rank, step))
                 step_loss = 0.0
-                for _ in range(cfg.train.grad_accum):
-                    x0 = loader.next_batch().to(device, non_blocking=True)
-                    with autocast(device):
-                        loss = family.loss(model, x0, noise)
-                    (loss / cfg.train.grad_accum).backward()  # each backward sums grads: average here
-                    step_loss += loss.item() / cfg.train.grad_accum
+                for micro in range(accum):
+                    x0 = loader.next_batch()[dist.rank :: dist.world].to(device, non_blocking=True)
+                    sync = micro == accum - 1 or not dist.enabled  # DDP: all-reduce grads once per step
+                    with contextlib.nullcontext() if sync else net.no_sync():
+                        with autocast(device):
+                            loss = family.loss(net, x0, noise)
+                        (loss / accum).backward()  # each backward sums grads: average here
+                    step_loss += loss.item() / accum
+                step_loss = dist.all_reduce([step_loss])[0]
                 if not math.isfinite(step_loss):
                     raise DlmError(
                         f"training diverged: loss is {step_loss} at step {step + 1}; "
@@ -262,9 +299,14 @@ def train(
                     window_loss, window_steps, window_t = 0.0, 0, now
                 if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
                     checkpoint()
-                if stop.signal is not None:
+                # stop together: a signal on any rank, or the time budget, stops every rank
+                signalled = stop.signal is not None
+                over_budget = budget > 0 and elapsed_before + now - t_start >= budget
+                signalled, over_budget = (v > 0 for v in dist.all_reduce([float(signalled), float(over_budget)], op="max"))
+                if signalled:
+                    stopped_by = stop.signal or "SIGTERM"
                     break
-                if budget > 0 and elapsed_before + now - t_start >= budget:
+                if over_budget:
                     break
             checkpoint()
     finally:
@@ -278,5 +320,5 @@ def train(
         tokens_per_s=tokens / max(elapsed, 1e-9),
         loss=last_loss,
         params=params,
-        interrupted=stop.signal,
+        interrupted=stopped_by,
     )
