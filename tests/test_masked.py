@@ -6,7 +6,7 @@ import torch
 from dlm.config import RunConfig
 from dlm.families import FAMILIES
 from dlm.objectives import LLaDACrossEntropy, MDLMNelbo
-from dlm.processes import MaskedProcess, antithetic_times
+from dlm.processes import MaskedProcess, low_discrepancy
 from dlm.samplers import SamplingOptions
 from dlm.schedules import get_schedule
 
@@ -48,11 +48,11 @@ def test_unmask_probability_is_one_at_the_last_step():
     assert 0 < p.unmask_probability(torch.tensor(0.6), torch.tensor(0.5)).item() < 1
 
 
-def test_antithetic_times_cover_the_interval(gen):
-    t = antithetic_times(8, gen, "cpu", t_min=1e-3)
-    assert t.min() >= 1e-3 and t.max() <= 1
-    gaps = torch.sort(t).values.diff()
-    torch.testing.assert_close(gaps, torch.full_like(gaps, (1 - 1e-3) / 8))
+def test_low_discrepancy_draws_cover_the_interval(gen):
+    u = low_discrepancy(8, gen, "cpu")
+    assert u.min() >= 0 and u.max() < 1
+    gaps = torch.sort(u).values.diff()
+    torch.testing.assert_close(gaps, torch.full_like(gaps, 1 / 8))
 
 
 def nelbo_of(logits, x0, xt, t, p):
@@ -94,7 +94,7 @@ def test_nelbo_of_a_uniform_model_is_log_v_per_token(gen):
     for name in ["loglinear", "cosine"]:
         p = process(name)
         x0 = torch.randint(0, V, (4096, 16), generator=gen)
-        t = antithetic_times(4096, gen, "cpu", t_min=1e-4)
+        t = 1e-4 + (1 - 1e-4) * low_discrepancy(4096, gen, "cpu")
         xt = p.corrupt(x0, t, gen)
         per_seq = nelbo_of(torch.zeros(4096, 16, V), x0, xt, t, p)
         assert per_seq.mean().item() / 16 == pytest.approx(math.log(V), rel=0.03)
@@ -147,3 +147,49 @@ def test_time_conditioned_sampler_runs_every_step(gen):
     x, nfe = fam.sample(model, 2, 16, None, gen, 20, SamplingOptions())
     assert not (x == fam.process.mask_id).any()
     assert nfe == 20
+
+
+def test_corrupt_count_masks_exactly_k(gen):
+    p = process()
+    x0 = torch.randint(0, V, (5, 40), generator=gen)
+    k = torch.tensor([1, 7, 20, 39, 40])
+    xt = p.corrupt_count(x0, k, gen)
+    assert torch.equal((xt == p.mask_id).sum(-1), k)
+    keep = xt != p.mask_id
+    assert torch.equal(xt[keep], x0[keep])
+
+
+def test_time_and_count_estimators_agree_with_the_exact_nelbo():
+    """For a model that does not see t, the continuous-time NELBO of any schedule equals
+    Σ_k E_{|S|=k}[mean_{l∈S} CE_l], computed here exactly by enumerating every mask set S;
+    both Monte Carlo estimators (over t, over k) must agree with it."""
+    from itertools import combinations
+
+    from dlm.objectives import CountNelbo
+
+    L = 6
+    fam, model = tiny_mdlm()
+    p = fam.process
+    x0 = torch.randint(0, V, (1, L), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        exact = 0.0
+        for k in range(1, L + 1):
+            sets = list(combinations(range(L), k))
+            xt = x0.repeat(len(sets), 1)
+            for row, s in enumerate(sets):
+                xt[row, list(s)] = p.mask_id
+            ce = CountNelbo()
+            where = xt == p.mask_id
+            exact += (ce(model(xt, positions=where), x0.expand_as(xt), xt, None, p, where) / L).mean().item()
+
+        n = 16_000
+        g = torch.Generator().manual_seed(4)
+        for name in ["loglinear", "cosine"]:
+            p.schedule = get_schedule(name)
+            for objective in (MDLMNelbo(), CountNelbo()):
+                frac = torch.rand(n, generator=g)
+                xt, t = fam._corrupt(objective, x0.expand(n, L), frac, g, 1e-6)
+                where = objective.positions(x0, xt, p)
+                vals = objective(model(xt, positions=where), x0.expand(n, L), xt, t, p, where).double()
+                mean, se = vals.mean().item(), vals.std().item() / n**0.5
+                assert abs(mean - exact) < 4 * se + 1e-3, (name, objective.name, mean, exact, se)

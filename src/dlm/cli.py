@@ -132,7 +132,7 @@ def _evaluate_run(run, data: str | None, split: str, mc_samples: int | None, max
         run.family, run.model, blocks, run.tokenizer, generator(run.device, seed),
         mc_samples=mc_samples or cfg.eval.mc_samples,
         batch_size=batch_size or cfg.eval.batch_size,
-        unigram_log_probs=own.unigram_log_probs(),
+        train_stream=own.train,
     )
     result.update({"run": str(run.path), "step": run.step, "family": cfg.family, "data": data or cfg.data.data, "split": split})
     return result
@@ -149,7 +149,8 @@ def _format_eval(r: dict) -> str:
         f"  bits/byte      {r['bits_per_byte']:.4f} ± {r['stderr_bits_per_byte']:.4f}",
     ]
     if "unigram_bits_per_byte" in r:
-        lines.append(f"  unigram model  {r['unigram_bits_per_byte']:.4f} bits/byte (reference)")
+        lines.append(f"  references     token unigram {r['unigram_bits_per_byte']:.4f}, "
+                     f"byte unigram {r['byte_unigram_bits_per_byte']:.4f} bits/byte")
     return "\n".join(lines)
 
 

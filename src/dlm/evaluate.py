@@ -10,6 +10,10 @@ figure derived from it (perplexity, bits) is then an upper bound too.
   count 0 bytes): comparable across tokenizers.
 * ``stderr``: standard error of ``nll`` over sequences, std(nll_i / L) / √n. For a diffusion
   model it holds both the Monte Carlo noise of the bound and the spread of the text.
+* ``unigram_bits_per_byte`` / ``byte_unigram_bits_per_byte``: reference floors on the
+  same tokens, a unigram model over the run's tokens and one over bytes, both fitted to the
+  training split (add-½ smoothing). The token unigram of a large vocabulary is already a
+  word-level model; the byte unigram does not depend on the tokenizer.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def evaluate_likelihood(
     generator: torch.Generator,
     mc_samples: int = 4,
     batch_size: int = 32,
-    unigram_log_probs: np.ndarray | None = None,
+    train_stream: np.ndarray | None = None,
 ) -> dict:
     if mc_samples < 1:
         raise DlmError(f"mc_samples must be ≥ 1, got {mc_samples}")
@@ -81,6 +85,30 @@ def evaluate_likelihood(
         "bound": family.is_bound,
         "mc_samples": mc_samples if family.is_bound else 0,
     }
-    if unigram_log_probs is not None:
-        result["unigram_bits_per_byte"] = float(-unigram_log_probs[blocks].sum() / LN2 / max(total_bytes, 1))
+    if train_stream is not None:
+        result.update(unigram_references(tokenizer, train_stream, blocks))
     return result
+
+
+def unigram_references(tokenizer: Tokenizer, train_stream: np.ndarray, blocks: np.ndarray) -> dict:
+    """Bits per byte of ``blocks`` under a token unigram and a byte unigram fitted to ``train_stream``."""
+    V = tokenizer.vocab_size
+    train = np.bincount(np.asarray(train_stream), minlength=V).astype(np.float64)
+    held = np.bincount(blocks.ravel(), minlength=V).astype(np.float64)
+    strings = tokenizer.token_byte_strings()
+
+    def byte_counts(token_counts: np.ndarray) -> np.ndarray:
+        out = np.zeros(256)
+        for i in np.flatnonzero(token_counts):
+            if strings[i]:
+                np.add.at(out, np.frombuffer(strings[i], dtype=np.uint8), token_counts[i])
+        return out
+
+    total_bytes = max(float(held @ tokenizer.token_bytes()), 1.0)
+    token_logp = np.log((train + 0.5) / (train + 0.5).sum())
+    train_bytes = byte_counts(train) + 0.5
+    byte_logp = np.log(train_bytes / train_bytes.sum())
+    return {
+        "unigram_bits_per_byte": float(-(held * token_logp).sum() / LN2 / total_bytes),
+        "byte_unigram_bits_per_byte": float(-(byte_counts(held) * byte_logp).sum() / LN2 / total_bytes),
+    }

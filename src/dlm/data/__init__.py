@@ -21,12 +21,6 @@ class TokenData:
     train: np.ndarray  # 1-D token stream (memory-mapped)
     val: np.ndarray
 
-    def unigram_log_probs(self) -> np.ndarray:
-        """log p(v) of a unigram model fitted to the train stream (add-½ smoothing): the
-        floor any real language model must beat."""
-        counts = np.bincount(np.asarray(self.train), minlength=self.tokenizer.vocab_size).astype(np.float64) + 0.5
-        return np.log(counts / counts.sum())
-
 
 def prepare_data(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> TokenData:
     """Load ``cfg.data`` and tokenise it (once; later calls hit the cache).

@@ -55,8 +55,12 @@ class Tokenizer(ABC):
     def decode(self, ids: Iterable[int]) -> str: ...
 
     @abstractmethod
+    def token_byte_strings(self) -> list[bytes]:
+        """The UTF-8 bytes each token stands for; b"" for special tokens."""
+
     def token_bytes(self) -> np.ndarray:
         """(vocab_size,) int64: UTF-8 bytes covered by each token; 0 for special tokens."""
+        return np.array([len(b) for b in self.token_byte_strings()], dtype=np.int64)
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.state(), sort_keys=True).encode()
@@ -118,9 +122,8 @@ class CharTokenizer(Tokenizer):
             out.append(self.chars[i] if i < len(self.chars) else (EOT if i == self.eos_id else "\ufffd"))
         return "".join(out)
 
-    def token_bytes(self):
-        sizes = [len(c.encode("utf-8")) for c in self.chars]
-        return np.array(sizes + [0, 1], dtype=np.int64)  # <unk> stood for ≥ 1 byte
+    def token_byte_strings(self):
+        return [c.encode("utf-8") for c in self.chars] + [b"", b"?"]  # <unk> stood for ≥ 1 byte
 
 
 @TOKENIZERS.register("byte")
@@ -160,8 +163,8 @@ class ByteTokenizer(Tokenizer):
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
 
-    def token_bytes(self):
-        return np.array([1] * 256 + [0], dtype=np.int64)
+    def token_byte_strings(self):
+        return [bytes([i]) for i in range(256)] + [b""]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -203,13 +206,13 @@ class _ByteLevelBPE(Tokenizer):
     def decode(self, ids):
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def token_bytes(self):
-        sizes = np.zeros(self.vocab_size, dtype=np.int64)
+    def token_byte_strings(self):
+        out = [b""] * self.vocab_size
         specials = {t.content for t in self.tok.get_added_tokens_decoder().values()}
         for token, i in self.tok.get_vocab().items():
             if token not in specials:
-                sizes[i] = sum(1 for c in token if c in _UNICODE_TO_BYTE)
-        return sizes
+                out[i] = bytes(_UNICODE_TO_BYTE[c] for c in token)
+        return out
 
 
 @TOKENIZERS.register("bpe")

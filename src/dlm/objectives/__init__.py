@@ -1,14 +1,15 @@
 """Training objectives, one file per family, registered by name per family."""
 
 from dlm.objectives.autoregressive import NextTokenCrossEntropy
-from dlm.objectives.masked import LLaDACrossEntropy, MDLMNelbo
+from dlm.objectives.masked import CountNelbo, LLaDACrossEntropy, MDLMNelbo
 from dlm.registry import Registry
 
 MASKED_OBJECTIVES: Registry[type] = Registry("masked-diffusion objective")
 MASKED_OBJECTIVES.register("nelbo")(MDLMNelbo)
 MASKED_OBJECTIVES.register("llada")(LLaDACrossEntropy)
+MASKED_OBJECTIVES.register("nelbo-count")(CountNelbo)
 
 AR_OBJECTIVES: Registry[type] = Registry("autoregressive objective")
 AR_OBJECTIVES.register("ce")(NextTokenCrossEntropy)
 
-__all__ = ["MASKED_OBJECTIVES", "AR_OBJECTIVES", "MDLMNelbo", "LLaDACrossEntropy", "NextTokenCrossEntropy"]
+__all__ = ["MASKED_OBJECTIVES", "AR_OBJECTIVES", "MDLMNelbo", "CountNelbo", "LLaDACrossEntropy", "NextTokenCrossEntropy"]

@@ -21,6 +21,10 @@ def per_sequence(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 class MaskedObjective:
+    # True: the objective is estimated over the number k of masked tokens (the family masks
+    # exactly k positions, k uniform on {1..L}) instead of over a time t.
+    exact_count = False
+
     def positions(self, x0: torch.Tensor, xt: torch.Tensor, process: MaskedProcess) -> torch.Tensor:
         return xt == process.mask_id
 
@@ -54,3 +58,25 @@ class LLaDACrossEntropy(MaskedObjective):
     def __call__(self, logits, x0, xt, t, process: MaskedProcess, positions) -> torch.Tensor:
         mask_prob = (1.0 - process.schedule.alpha(t)).clamp_min(1e-6)
         return self.masked_nll(logits, x0, positions) / mask_prob
+
+
+class CountNelbo(MaskedObjective):
+    """The same NELBO estimated over the number of masked tokens instead of time (RADD,
+    Ou et al. 2024, arXiv 2406.03736; LLaDA eq. 6). For a model that does not see t,
+    integrating t out of the continuous-time NELBO leaves, for any schedule,
+
+        −log p(x0) ≤ Σ_{k=1}^{L} E_{S: |S| = k} [ mean_{l ∈ S} −log p_θ(x0^l | x0 with S masked) ]
+                   = E_{k ~ U{1..L}} [ L/k · Σ_{l ∈ S} −log p_θ(x0^l | x_S) ].
+
+    Same expectation as ``nelbo`` (exactly, under the log-linear schedule and a model
+    without time conditioning), without the 1/t weights that make a few lightly-masked
+    sequences dominate a batch: the per-token loss of a sequence never exceeds its largest
+    token cross-entropy. Here ``t`` is k/L.
+    """
+
+    name = "nelbo-count"
+    exact_count = True
+
+    def __call__(self, logits, x0, xt, t, process: MaskedProcess, positions) -> torch.Tensor:
+        k = positions.sum(-1).clamp_min(1)
+        return x0.shape[1] / k * self.masked_nll(logits, x0, positions)

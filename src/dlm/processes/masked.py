@@ -34,6 +34,12 @@ class MaskedProcess(Process):
         u = torch.rand(x0.shape, generator=generator, device=x0.device)
         return torch.where(u < 1.0 - alpha_t, torch.full_like(x0, self.mask_id), x0)
 
+    def corrupt_count(self, x0: torch.Tensor, k: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Mask exactly k[b] positions of row b, chosen uniformly at random: x0 (B, L), k (B,)."""
+        u = torch.rand(x0.shape, generator=generator, device=x0.device)
+        rank = u.argsort(dim=-1).argsort(dim=-1)  # a uniformly random permutation per row
+        return torch.where(rank < k[:, None], torch.full_like(x0, self.mask_id), x0)
+
     def prior(self, shape, generator, device):
         return torch.full(shape, self.mask_id, dtype=torch.long, device=device)
 
