@@ -274,3 +274,12 @@ def test_torchrun_two_processes(corpus, tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     r = subprocess.run(_cli("eval", str(out), "--json"), capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout)["step"] == 6
+
+
+def test_quickstart_with_the_ar_family(tmp_path, capsys):
+    out = tmp_path / "qs-ar"
+    code = main(["quickstart", "--family", "ar", "--out", str(out), "--steps", "2", "--quiet", "model.size=tiny",
+                 "eval.max_tokens=512", "data.seq_len=16"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads((out / "quickstart.json").read_text())["eval"]["bound"] is False

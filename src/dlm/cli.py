@@ -244,6 +244,8 @@ def cmd_quickstart(args) -> int:
     out = Path(args.out) if args.out else _fresh_out(Path("runs/quickstart"))
     flags = {"train.device": args.device, "train.steps": args.steps, "family": args.family}
     cfg = build_config("quickstart", args.overrides, {k: v for k, v in flags.items() if v is not None})
+    if args.family and not any(o.startswith("objective=") for o in args.overrides):
+        cfg.objective = None  # the shipped objective is MDLM's: another family takes its own default
     print(f"dlm quickstart: training a {cfg.model.size} {cfg.family} model on the built-in "
           f"'{cfg.data.data}' corpus ({cfg.data.tokenizer} tokenizer) into {out}", file=sys.stderr)
     result = train(cfg, out, progress=not args.quiet)
