@@ -55,7 +55,7 @@ def _train_flags(args) -> dict[str, Any]:
 def _resume_config(out: Path, args):
     """The saved config, with only the RESUMABLE keys changed by the command line."""
     from dlm.checkpoint import read_run_config
-    from dlm.config import _apply, build_config, from_dict, load_yaml, nest, parse_override, resolve_config_path
+    from dlm.config import apply_dict, build_config, from_dict, load_yaml, nest, parse_override, resolve_config_path
 
     saved = read_run_config(out)
     asked: dict[str, Any] = {}
@@ -69,7 +69,7 @@ def _resume_config(out: Path, args):
     cfg = from_dict(copy.deepcopy(saved.to_dict()))
     before = _flatten(saved.to_dict())
     for key, value in asked.items():
-        _apply(cfg, nest(key, value))
+        apply_dict(cfg, nest(key, value))
     after = _flatten(cfg.to_dict())
     changed = [k for k in after if after[k] != before[k] and k not in RESUMABLE]
     if changed:

@@ -141,7 +141,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} for {key}")
 
 
-def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+def apply_dict(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     if not isinstance(data, dict):
         raise DlmError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
     hints = _field_types(type(obj))
@@ -152,14 +152,14 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             raise DlmError(f"unknown config key '{path}' (valid keys: {valid})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _apply(current, value, path + ".")
+            apply_dict(current, value, path + ".")
         else:
             setattr(obj, key, _coerce(value, hints[key], path))
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
     cfg = RunConfig()
-    _apply(cfg, data or {})
+    apply_dict(cfg, data or {})
     return cfg
 
 
@@ -215,13 +215,13 @@ def build_config(config: str | None, overrides: list[str], flags: dict[str, Any]
     """Defaults ← YAML file ← ``key=value`` overrides ← explicit command-line flags."""
     cfg = RunConfig()
     if config:
-        _apply(cfg, load_yaml(resolve_config_path(config)))
+        apply_dict(cfg, load_yaml(resolve_config_path(config)))
     for text in overrides:
         key, value = parse_override(text)
-        _apply(cfg, nest(key, value))
+        apply_dict(cfg, nest(key, value))
     for key, value in flags.items():
         if value is not None:
-            _apply(cfg, nest(key, value))
+            apply_dict(cfg, nest(key, value))
     return cfg
 
 
