@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -113,18 +114,13 @@ def cmd_train(args) -> int:
 
 def _evaluate_run(run, data: str | None, split: str, mc_samples: int | None, max_tokens: int | None,
                   batch_size: int | None, seed: int) -> dict:
-    from dlm.config import DataConfig
     from dlm.data import prepare_data
     from dlm.device import generator
     from dlm.evaluate import evaluate_likelihood, select_blocks
 
     cfg = run.cfg
     own = prepare_data(cfg.data, run.tokenizer)
-    if data:
-        other = DataConfig(**{**cfg.data.__dict__, "data": data})
-        target = prepare_data(other, run.tokenizer)
-    else:
-        target = own
+    target = prepare_data(dataclasses.replace(cfg.data, data=data), run.tokenizer) if data else own
     stream = target.val if split == "val" else target.train
     L = cfg.data.seq_len
     blocks = select_blocks(stream, L, cfg.eval.max_tokens if max_tokens is None else max_tokens)

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -114,33 +114,40 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(hashlib.sha1(f"{seed}/{rank}/{step}".encode()).hexdigest()[:15], 16)
 
 
-def _metrics_writer(run_dir: Path, keep_until: int):
-    """Append to metrics.jsonl, first dropping lines past the resumed step (a crashed run's)."""
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= keep_until]
-        path.write_text("".join(line + "\n" for line in kept))
-    writers: list[Callable[[dict], None]] = []
-    f = open(path, "a", encoding="utf-8")
-    writers.append(lambda rec: (f.write(json.dumps(rec) + "\n"), f.flush()))
-    try:  # TensorBoard when installed; never required
-        from torch.utils.tensorboard import SummaryWriter
+class MetricsLog:
+    """``metrics.jsonl`` (and TensorBoard, when installed) of one run; a no-op when disabled
+    (every rank but 0). Lines past ``keep_until`` — a crashed run's — are dropped first."""
 
-        tb = SummaryWriter(str(run_dir / "tensorboard"))
-        writers.append(lambda rec: [tb.add_scalar(k, v, rec["step"]) for k, v in rec.items() if k != "step"])
-    except Exception:
-        tb = None
+    def __init__(self, run_dir: Path, keep_until: int, enabled: bool = True):
+        self.file = self.tb = None
+        if not enabled:
+            return
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= keep_until]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a", encoding="utf-8")
+        try:  # never required
+            from torch.utils.tensorboard import SummaryWriter
 
-    def write(rec: dict) -> None:
-        for w in writers:
-            w(rec)
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except Exception:
+            self.tb = None
 
-    def close() -> None:
-        f.close()
-        if tb is not None:
-            tb.close()
+    def write(self, rec: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+        if self.tb is not None:
+            for key, value in rec.items():
+                if key != "step":
+                    self.tb.add_scalar(key, value, rec["step"])
 
-    return write, close
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def train(
@@ -231,7 +238,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
             save_checkpoint(out, step, model, ema.shadow if ema else None, trainer_state(), cfg.train.keep_checkpoints)
         dist.barrier()
 
-    write_metrics, close_metrics = _metrics_writer(out, step) if dist.is_main else (lambda rec: None, lambda: None)
+    metrics = MetricsLog(out, step, enabled=dist.is_main)
     accum = cfg.train.grad_accum
     tokens_per_step = cfg.train.batch_size * accum * cfg.data.seq_len * dist.world
     budget = cfg.train.time_budget_s
@@ -294,7 +301,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
                         "tokens_per_s": tps,
                         "elapsed_s": elapsed_before + now - t_start,
                     }
-                    write_metrics(rec)
+                    metrics.write(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
                     window_loss, window_steps, window_t = 0.0, 0, now
                 if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
@@ -311,7 +318,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
             checkpoint()
     finally:
         bar.close()
-        close_metrics()
+        metrics.close()
     elapsed = elapsed_before + time.perf_counter() - t_start
     return TrainResult(
         step=step,

@@ -41,20 +41,22 @@ class MaskedAncestralSampler:
             x[:, :n_prompt] = prompt.to(device)
         times = torch.linspace(1.0, 0.0, self.steps + 1, device=device, dtype=torch.float64)
         cache_ok = self.use_cache and not time_conditioned
-        logits, nfe = None, 0
+        logits, nfe = None, 0  # logits: (N, V) at the N masked positions of x
         for i in range(self.steps):
             t, s = times[i], times[i + 1]
             masked = x == process.mask_id
             if not masked.any():
                 break
             if logits is None or not cache_ok:
-                t_batch = torch.full((num,), float(t), device=device)
-                logits = filter_logits(model(x, t_batch if time_conditioned else None), self.options)
+                t_batch = torch.full((num,), float(t), device=device) if time_conditioned else None
+                logits = model(x, t_batch, positions=masked)
                 nfe += 1
             p_unmask = 1.0 if i == self.steps - 1 else float(process.unmask_probability(t, s))
             u = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
             unmask = masked & (u < p_unmask)
             if unmask.any():
-                x = torch.where(unmask, sample_categorical(logits, generator), x)
-                logits = None if cache_ok else logits  # x changed: the cached p(x0 | x_t) is stale
+                rows = logits[unmask[masked]]  # (n, V): the masked positions that unmask now
+                x = x.clone()
+                x[unmask] = sample_categorical(filter_logits(rows, self.options), generator)
+                logits = None  # x changed: p(x0 | x_t) must be computed again
         return x, nfe
