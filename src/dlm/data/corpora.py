@@ -196,9 +196,10 @@ def _hf_corpus(spec: str, val_fraction: float) -> Corpus:
             if text.strip():
                 yield text
             return
-        for doc in table[col]:
-            if doc and doc.strip():
-                yield doc
+        for batch in table.iter(batch_size=1024):  # streams from the memory-mapped Arrow files
+            for doc in batch[col]:
+                if doc and doc.strip():
+                    yield doc
 
     if val_name is not None:
         def docs(split: str) -> Iterator[str]:
