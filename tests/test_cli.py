@@ -283,3 +283,27 @@ def test_quickstart_with_the_ar_family(tmp_path, capsys):
     _, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads((out / "quickstart.json").read_text())["eval"]["bound"] is False
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(trained, tmp_path, monkeypatch):
+    import dlm.checkpoint as ckpt_mod
+
+    run_dir = _copy(trained, tmp_path / "crash")
+    (run_dir / "checkpoints" / ".tmp-step_00000009-killed").mkdir()  # as a SIGKILLed writer leaves it
+    ckpt = ckpt_mod.load_checkpoint(run_dir)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", disk_full)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(OSError):
+        ckpt_mod.save_checkpoint(run_dir, 4, model, None, {"step": 4})
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert "step_00000004" not in names and not any(n.startswith(".tmp-step_00000004") for n in names)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert ckpt_mod.load_checkpoint(run_dir).step == ckpt.step == 2
+    monkeypatch.undo()
+    assert main(["train", "--out", str(run_dir), "--resume", "--steps", "3", "--quiet"]) == 0
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000002", "step_00000003"]  # the killed writer's folder is gone

@@ -143,6 +143,14 @@ def save_checkpoint(
     return final
 
 
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Delete temporary folders a killed process left behind (never a complete checkpoint)."""
+    ckpts = Path(run_dir) / "checkpoints"
+    if ckpts.is_dir():
+        for tmp in ckpts.glob(".tmp-step_*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Path:
     ckpts = Path(run_dir) / "checkpoints"
     try:

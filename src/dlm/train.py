@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dlm.checkpoint import create_run_dir, load_checkpoint, load_weights, save_checkpoint
+from dlm.checkpoint import create_run_dir, load_checkpoint, load_weights, remove_partial_checkpoints, save_checkpoint
 from dlm.config import RunConfig
 from dlm.data import BlockLoader, TokenData, load_tokenizer, prepare_data
 from dlm.data.cache import require_blocks
@@ -203,6 +203,8 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
 
     step, elapsed_before, tokens = 0, 0.0, 0
     if resume:
+        if dist.is_main:
+            remove_partial_checkpoints(out)  # a SIGKILLed writer's leftovers
         ckpt = load_checkpoint(out)
         load_weights(model, ckpt.model, out)
         if ema is not None and ckpt.ema is not None:
