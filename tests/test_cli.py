@@ -14,8 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from dlm.cli import main
-
-TINY = ["--size", "tiny", "--seq-len", "32", "--batch-size", "8", "--tokenizer", "char", "--seed", "0", "--quiet"]
+from helpers import TINY, one_line_error, run
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +25,10 @@ def corpus(tmp_path_factory):
     return f
 
 
-def run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, *fragments):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line]
-    assert len(lines) == 1 and lines[0].startswith("dlm: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-@pytest.mark.parametrize("family", ["mdlm", "ar"])
-def test_train_resume_eval_sample(family, corpus, tmp_path, capsys):
+@pytest.mark.parametrize("family,objective", [("mdlm", "nelbo"), ("ar", "ce"), ("usdm", "sddlm-v1")])
+def test_train_resume_eval_sample(family, objective, corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run(["train", "--family", family, "--data", str(corpus), "--out", str(out), "--steps", "6", *TINY], capsys)
+    code, _, err = run(["train", "--family", family, "--objective", objective, "--data", str(corpus), "--out", str(out), "--steps", "6", *TINY], capsys)
     assert code == 0, err
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     assert (out / "checkpoints" / "step_00000006" / "model.safetensors").is_file()
@@ -57,7 +42,7 @@ def test_train_resume_eval_sample(family, corpus, tmp_path, capsys):
     assert code == 0, err
     r = json.loads(stdout)
     assert {"nll", "ppl", "bits_per_token", "bits_per_byte", "stderr", "tokens"} <= set(r)
-    assert r["step"] == 10 and r["bound"] == (family == "mdlm")
+    assert r["step"] == 10 and r["bound"] == (family != "ar")
     assert r["ppl"] == pytest.approx(torch.tensor(r["nll"]).exp().item(), rel=1e-6)
     assert 0 < r["nll"] < 10 and r["stderr"] > 0
 
@@ -165,6 +150,9 @@ def test_too_little_data_for_the_sequence_length(tmp_path, capsys):
         (["train.lrr=1"], "unknown config key 'train.lrr'"),
         (["--schedule", "sqrt"], "unknown schedule 'sqrt'"),
         (["--objective", "sedd"], "unknown masked-diffusion objective 'sedd'"),
+        (["--family", "usdm", "--objective", "sedd"], "unknown uniform-state diffusion objective 'sedd'"),
+        (["--family", "usdm", "--objective", "sddlm-v1", "sddlm.reg_eps=0"], "sddlm.reg_eps > 0"),
+        (["--family", "usdm", "sddlm.lambda=1"], "unknown config key 'sddlm.lambda'"),
     ],
 )
 def test_bad_settings(corpus, tmp_path, capsys, argv, fragment):

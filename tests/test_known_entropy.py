@@ -51,7 +51,7 @@ def source(tmp_path_factory):
     return f, H
 
 
-@pytest.mark.parametrize("family,steps,mc", [("ar", 150, 1), ("mdlm", 250, 8)])
+@pytest.mark.parametrize("family,steps,mc", [("ar", 150, 1), ("mdlm", 250, 8), ("usdm", 250, 8)])
 def test_held_out_nll_is_not_below_the_entropy_rate(source, tmp_path, capsys, family, steps, mc):
     path, H = source
     assert 0.5 < H < math.log(3)  # three successors per state: H is well below log 8

@@ -134,7 +134,67 @@ def _evaluate_run(run, data: str | None, split: str, mc_samples: int | None, max
     return result
 
 
+def _sample_quality(run, judge_name: str | None, num: int, steps: int | None, batch: int,
+                    temperature: float | None, top_k: int | None, top_p: float | None, seed: int) -> dict:
+    """Gen PPL under a judge and the entropy of ``num`` unconditional samples, drawn ``batch`` at a time."""
+    import numpy as np
+    import torch
+
+    from dlm.device import generator
+    from dlm.evaluate import generative_perplexity, sample_documents, sample_entropy
+    from dlm.judge import load_judge
+
+    cfg = run.cfg
+    if num < 1:
+        raise DlmError(f"--samples must be ≥ 1, got {num}")
+    if batch < 1:
+        raise DlmError(f"--sample-batch must be ≥ 1, got {batch}")
+    steps = steps or cfg.sample.steps
+    if steps < 1:
+        raise DlmError(f"--steps must be ≥ 1, got {steps}")
+    opts = _sampling_options(cfg, temperature, top_k, top_p)
+    judge = load_judge(judge_name, run.device)  # before sampling: a bad judge fails at once
+    length = cfg.data.seq_len
+    gen = generator(run.device, seed)
+    rows, nfe, seconds = [], 0, 0.0
+    for start in range(0, num, batch):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            tokens, nfe = run.family.sample(run.model, min(batch, num - start), length, None, gen, steps, opts)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        rows.append(tokens.cpu().numpy())
+    tokens = np.concatenate(rows)  # (num, length)
+    result = {
+        "samples": num,
+        "sample_length": length,
+        "sample_steps": steps if run.family.name != "ar" else length,
+        "sample_nfe": nfe,
+        "sample_seconds": seconds,
+        "sample_tokens_per_s": num * length / seconds,
+        "temperature": opts.temperature,
+        "top_k": opts.top_k,
+        "top_p": opts.top_p,
+    }
+    result.update(generative_perplexity(judge, sample_documents(tokens, run.tokenizer)))
+    result.update(sample_entropy(tokens, run.tokenizer.eos_id))
+    return result
+
+
+def _format_samples(r: dict) -> str:
+    return "\n".join([
+        f"  samples        {r['samples']} of {r['sample_length']} tokens, {r['sample_steps']} steps "
+        f"({r['sample_nfe']} network calls per batch), {r['sample_tokens_per_s']:,.0f} tokens/s",
+        f"  gen ppl        {r['gen_ppl']:.2f} under {r['judge']} ({r['judge_tokens']:,} judge tokens "
+        f"in {r['judge_documents']} documents)",
+        f"  entropy        {r['entropy']:.3f} ± {r['entropy_std']:.3f} nats (unigram, per sample)",
+    ])
+
+
 def _format_eval(r: dict) -> str:
+    if "nll" not in r:  # --no-likelihood
+        return f"{r['family']} run {r['run']} at step {r['step']} — sample quality\n" + _format_samples(r)
     kind = "upper bound (NELBO, %d MC samples)" % r["mc_samples"] if r["bound"] else "exact"
     lines = [
         f"{r['family']} run {r['run']} at step {r['step']}, {r['data']} [{r['split']}], "
@@ -147,16 +207,43 @@ def _format_eval(r: dict) -> str:
     if "unigram_bits_per_byte" in r:
         lines.append(f"  references     token unigram {r['unigram_bits_per_byte']:.4f}, "
                      f"byte unigram {r['byte_unigram_bits_per_byte']:.4f} bits/byte")
+    if "gen_ppl" in r:
+        lines.append(_format_samples(r))
     return "\n".join(lines)
 
 
 def cmd_eval(args) -> int:
     from dlm.runs import load_run
 
+    if args.samples is None and args.no_likelihood:
+        raise DlmError("--no-likelihood leaves nothing to evaluate: add --samples N")
+    if args.samples is not None and args.samples < 1:
+        raise DlmError(f"--samples must be ≥ 1, got {args.samples}")
+    if args.steps is not None and args.steps < 1:
+        raise DlmError(f"--steps must be ≥ 1, got {args.steps}")
     run = load_run(Path(args.run), args.device, use_ema=not args.no_ema)
-    result = _evaluate_run(run, args.data, args.split, args.mc_samples, args.max_tokens, args.batch_size, args.seed)
+    if args.no_likelihood:
+        result = {"run": str(run.path), "step": run.step, "family": run.cfg.family}
+    else:
+        result = _evaluate_run(run, args.data, args.split, args.mc_samples, args.max_tokens, args.batch_size, args.seed)
+    if args.samples is not None:
+        result.update(_sample_quality(run, args.judge, args.samples, args.steps, args.sample_batch,
+                                      args.temperature, args.top_k, args.top_p, args.seed))
     print(json.dumps(result) if args.json else _format_eval(result))
     return 0
+
+
+def _sampling_options(cfg, temperature: float | None, top_k: int | None, top_p: float | None):
+    """The run's ``sample`` config with the command line's values on top, checked."""
+    from dlm.samplers import SamplingOptions
+
+    opts = SamplingOptions(
+        temperature=cfg.sample.temperature if temperature is None else temperature,
+        top_k=cfg.sample.top_k if top_k is None else top_k,
+        top_p=cfg.sample.top_p if top_p is None else top_p,
+    )
+    opts.check()
+    return opts
 
 
 def _sample_run(run, num: int, steps: int | None, length: int | None, prompt: str | None,
@@ -164,7 +251,6 @@ def _sample_run(run, num: int, steps: int | None, length: int | None, prompt: st
     import torch
 
     from dlm.device import generator
-    from dlm.samplers import SamplingOptions
 
     cfg = run.cfg
     if num < 1:
@@ -175,12 +261,7 @@ def _sample_run(run, num: int, steps: int | None, length: int | None, prompt: st
     steps = steps or cfg.sample.steps
     if steps < 1:
         raise DlmError(f"--steps must be ≥ 1, got {steps}")
-    opts = SamplingOptions(
-        temperature=cfg.sample.temperature if temperature is None else temperature,
-        top_k=cfg.sample.top_k if top_k is None else top_k,
-        top_p=cfg.sample.top_p if top_p is None else top_p,
-    )
-    opts.check()
+    opts = _sampling_options(cfg, temperature, top_k, top_p)
     prompt_ids = None
     if prompt:
         prompt_ids = torch.as_tensor(run.tokenizer.encode(prompt), dtype=torch.long)
@@ -271,8 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model into a run folder")
     t.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
     t.add_argument("--config", help="YAML config file, or the name of a shipped config (e.g. quickstart)")
-    t.add_argument("--family", help="mdlm | ar")
-    t.add_argument("--objective", help="the family's objective (mdlm: nelbo | llada)")
+    t.add_argument("--family", help="mdlm | usdm | ar")
+    t.add_argument("--objective", help="the family's objective (mdlm: nelbo | nelbo-count | llada; "
+                   "usdm: nelbo | naive | sddlm | sddlm-v1 | sddlm-v2; ar: ce)")
     t.add_argument("--schedule", help="loglinear | linear | cosine | geometric")
     t.add_argument("--data", help="built-in corpus (shakespeare), file, folder, wikitext-103 | openwebtext | lm1b | text8, or hf:REPO[:CONFIG]")
     t.add_argument("--tokenizer", help="char | byte | bpe | gpt2")
@@ -292,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=3e-4")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="likelihood (NLL, PPL, bits per token and per byte) of a run")
+    e = sub.add_parser("eval", help="likelihood (NLL, PPL, bits per token and per byte) of a run, and sample quality")
     e.add_argument("run")
     e.add_argument("--data", help="evaluate on this data (tokenised with the run's tokenizer)")
     e.add_argument("--split", choices=["val", "train"], default="val")
@@ -303,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--samples", type=int, help="also draw this many unconditional samples and report their Gen PPL and entropy")
+    e.add_argument("--steps", type=int, help="diffusion steps for --samples (default: the run's sample.steps; ignored by ar)")
+    e.add_argument("--judge", help="judge for Gen PPL: smollm2-135m (default) or a local Hugging Face causal-LM folder")
+    e.add_argument("--sample-batch", type=int, default=16, help="samples drawn per batch (default 16)")
+    e.add_argument("--temperature", type=float)
+    e.add_argument("--top-k", type=int)
+    e.add_argument("--top-p", type=float)
+    e.add_argument("--no-likelihood", action="store_true", help="with --samples: skip the likelihood evaluation")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="generate text from a run")

@@ -80,6 +80,16 @@ class SampleConfig:
 
 
 @dataclass
+class SDDLMConfig:
+    """The anti-uniform regulariser of SDDLM-V1/V2 (objectives ``sddlm-v1``, ``sddlm-v2``)."""
+
+    reg_weight: float = 0.1  # λ: weight of mean log(p_θ(negative) + ε) in the loss
+    reg_eps: float = 1e-4  # ε inside the log: bounds the term below by log ε
+    negatives: int = 1  # V1: negatives drawn uniformly from the vocabulary per replaced token
+    where: str = "changed"  # positions scored: changed (x_t ≠ x0, the paper's) | noised (resampled, x0 redrawn included)
+
+
+@dataclass
 class RunConfig:
     family: str = "mdlm"
     objective: str | None = None  # None: the family's default objective
@@ -91,6 +101,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    sddlm: SDDLMConfig = field(default_factory=SDDLMConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,6 +14,21 @@ figure derived from it (perplexity, bits) is then an upper bound too.
   same tokens, a unigram model over the run's tokens and one over bytes, both fitted to the
   training split (add-½ smoothing). The token unigram of a large vocabulary is already a
   word-level model; the byte unigram does not depend on the tokenizer.
+
+Sample quality (``dlm eval --samples N``), on N unconditional samples from the model:
+
+* ``gen_ppl``: generative perplexity under a pretrained judge (``dlm.judge``). Each sample
+  is split at the run tokenizer's end-of-text token (``eos_id``) into documents, each piece
+  decoded with the run's tokenizer, and empty (or whitespace-only) documents dropped. Each
+  document is scored by the judge after one context token (its BOS, or end-of-text), which
+  is not scored; no end-of-text is scored either. ``gen_ppl = exp(judge_nll)`` with
+  ``judge_nll`` = total NLL over every judge token of every document / ``judge_tokens``: a
+  corpus-level mean over judge tokens, not a mean of per-sample perplexities.
+* ``entropy``: mean over samples of the unigram entropy (nats) of each sample's generated
+  token ids, prompt and end-of-text tokens excluded (end-of-text separates and pads
+  documents in dlm's packed data, so it says nothing about diversity); ``entropy_std`` is
+  its standard deviation over samples. A sample of one repeated token has entropy 0, one of
+  L distinct tokens log L. Low entropy flags the repetitive text that a low Gen PPL can hide.
 """
 
 from __future__ import annotations
@@ -111,4 +126,52 @@ def unigram_references(tokenizer: Tokenizer, train_stream: np.ndarray, blocks: n
     return {
         "unigram_bits_per_byte": float(-(held * token_logp).sum() / LN2 / total_bytes),
         "byte_unigram_bits_per_byte": float(-(byte_counts(held) * byte_logp).sum() / LN2 / total_bytes),
+    }
+
+
+def sample_entropy(tokens: np.ndarray, eos_id: int | None = None, prompt_len: int = 0) -> dict:
+    """Mean and std over samples of the unigram entropy (nats) of each row of ``tokens`` (N, L).
+
+    H = −Σ_v p_v log p_v with p_v the frequency of token v among the row's tokens after the
+    first ``prompt_len``, ``eos_id`` tokens excluded; a row with no token left counts 0.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or len(tokens) == 0:
+        raise ValueError(f"`tokens` must be a non-empty (N, L) array, got shape {tokens.shape}")
+    values = []
+    for row in tokens[:, prompt_len:]:
+        if eos_id is not None:
+            row = row[row != eos_id]
+        if len(row) == 0:
+            values.append(0.0)
+            continue
+        p = np.unique(row, return_counts=True)[1] / len(row)
+        values.append(float(-(p * np.log(p)).sum()))
+    return {"entropy": float(np.mean(values)), "entropy_std": float(np.std(values))}
+
+
+def sample_documents(tokens: np.ndarray, tokenizer: Tokenizer, prompt_len: int = 0) -> list[str]:
+    """The documents of every sample: each row split at ``tokenizer.eos_id``, decoded, empty ones dropped."""
+    docs = []
+    for row in np.asarray(tokens)[:, prompt_len:]:
+        cuts = np.flatnonzero(row == tokenizer.eos_id)
+        for piece in np.split(row, cuts):
+            piece = piece[piece != tokenizer.eos_id]
+            text = tokenizer.decode(piece.tolist()) if len(piece) else ""
+            if text.strip():
+                docs.append(text)
+    return docs
+
+
+def generative_perplexity(judge, documents: list[str]) -> dict:
+    """Gen PPL of ``documents`` under ``judge`` (a ``dlm.judge.Judge``): exp(total NLL / total judge tokens)."""
+    nll, count = judge.score(documents)
+    total, n = float(nll.sum()), int(count.sum())
+    mean = total / n if n else float("nan")
+    return {
+        "gen_ppl": math.exp(mean) if n else float("nan"),
+        "judge_nll": mean,
+        "judge_tokens": n,
+        "judge_documents": len(documents),
+        "judge": judge.name,
     }
