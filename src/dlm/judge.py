@@ -72,7 +72,7 @@ class GgufJudge:
                 try:
                     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
                     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-                except ImportError as e:  # e.g. a gguf or transformers too old for this file
+                except (ImportError, ValueError) as e:  # gguf / accelerate missing or too old for this file
                     raise DlmError(f"cannot read {gguf.name}: {str(e).strip().splitlines()[0]} ({INSTALL})") from None
                 if any(p.dtype != torch.float32 for p in model.parameters()):
                     raise DlmError(f"transformers kept {gguf.name} quantised (is the package `kernels` installed?): "
