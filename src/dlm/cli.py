@@ -137,10 +137,6 @@ def _evaluate_run(run, data: str | None, split: str, mc_samples: int | None, max
 def _sample_quality(run, judge_name: str | None, num: int, steps: int | None, batch: int,
                     temperature: float | None, top_k: int | None, top_p: float | None, seed: int) -> dict:
     """Gen PPL under a judge and the entropy of ``num`` unconditional samples, drawn ``batch`` at a time."""
-    import numpy as np
-    import torch
-
-    from dlm.device import generator
     from dlm.evaluate import generative_perplexity, sample_documents, sample_entropy
     from dlm.judge import load_judge
 
@@ -149,23 +145,12 @@ def _sample_quality(run, judge_name: str | None, num: int, steps: int | None, ba
         raise DlmError(f"--samples must be ≥ 1, got {num}")
     if batch < 1:
         raise DlmError(f"--sample-batch must be ≥ 1, got {batch}")
-    steps = steps or cfg.sample.steps
-    if steps < 1:
-        raise DlmError(f"--steps must be ≥ 1, got {steps}")
+    steps = _sampling_steps(cfg, steps)
     opts = _sampling_options(cfg, temperature, top_k, top_p)
     judge = load_judge(judge_name, run.device)  # before sampling: a bad judge fails at once
     length = cfg.data.seq_len
-    gen = generator(run.device, seed)
-    rows, nfe, seconds = [], 0, 0.0
-    for start in range(0, num, batch):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            tokens, nfe = run.family.sample(run.model, min(batch, num - start), length, None, gen, steps, opts)
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - t0
-        rows.append(tokens.cpu().numpy())
-    tokens = np.concatenate(rows)  # (num, length)
+    tokens, nfe, seconds = _generate(run, num, length, None, steps, opts, seed, batch)
+    tokens = tokens.numpy()  # (num, length)
     result = {
         "samples": num,
         "sample_length": length,
@@ -246,11 +231,38 @@ def _sampling_options(cfg, temperature: float | None, top_k: int | None, top_p: 
     return opts
 
 
-def _sample_run(run, num: int, steps: int | None, length: int | None, prompt: str | None,
-                temperature: float | None, top_k: int | None, top_p: float | None, seed: int) -> dict:
+def _sampling_steps(cfg, steps: int | None) -> int:
+    """``--steps``, or the run's ``sample.steps``, checked."""
+    steps = steps or cfg.sample.steps
+    if steps < 1:
+        raise DlmError(f"--steps must be ≥ 1, got {steps}")
+    return steps
+
+
+def _generate(run, num: int, length: int, prompt_ids, steps: int, opts, seed: int, batch: int | None = None):
+    """(tokens (num, length) on the CPU, network calls per batch, sampling seconds), drawn
+    ``batch`` samples at a time (default: all at once) from one seeded generator."""
     import torch
 
     from dlm.device import generator
+
+    gen = generator(run.device, seed)
+    batch = batch or num
+    rows, nfe, seconds = [], 0, 0.0
+    for start in range(0, num, batch):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            tokens, nfe = run.family.sample(run.model, min(batch, num - start), length, prompt_ids, gen, steps, opts)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        rows.append(tokens.cpu())
+    return torch.cat(rows), nfe, seconds
+
+
+def _sample_run(run, num: int, steps: int | None, length: int | None, prompt: str | None,
+                temperature: float | None, top_k: int | None, top_p: float | None, seed: int) -> dict:
+    import torch
 
     cfg = run.cfg
     if num < 1:
@@ -258,23 +270,15 @@ def _sample_run(run, num: int, steps: int | None, length: int | None, prompt: st
     length = length or cfg.data.seq_len
     if not 1 <= length <= cfg.data.seq_len:
         raise DlmError(f"--length must be in [1, {cfg.data.seq_len}] (the sequence length this model was trained on), got {length}")
-    steps = steps or cfg.sample.steps
-    if steps < 1:
-        raise DlmError(f"--steps must be ≥ 1, got {steps}")
+    steps = _sampling_steps(cfg, steps)
     opts = _sampling_options(cfg, temperature, top_k, top_p)
     prompt_ids = None
     if prompt:
         prompt_ids = torch.as_tensor(run.tokenizer.encode(prompt), dtype=torch.long)
         if len(prompt_ids) >= length:
             raise DlmError(f"the prompt is {len(prompt_ids)} tokens, it must be shorter than --length {length}")
-    gen = generator(run.device, seed)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        tokens, nfe = run.family.sample(run.model, num, length, prompt_ids, gen, steps, opts)
-    if run.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    texts = [run.tokenizer.decode(row.tolist()) for row in tokens.cpu()]
+    tokens, nfe, seconds = _generate(run, num, length, prompt_ids, steps, opts, seed)
+    texts = [run.tokenizer.decode(row.tolist()) for row in tokens]
     return {
         "samples": texts,
         "seconds": seconds,

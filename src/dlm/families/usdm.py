@@ -49,10 +49,10 @@ class USDM(Family):
         B = x0.shape[0]
         u = torch.rand(B, generator=generator, device=x0.device)  # K antithetic draws (u_b + k/K) mod 1
         total = torch.zeros(B, device=x0.device, dtype=torch.float64)
+        rows = max(1, EVAL_CHUNK // (x0.shape[1] * self.vocab_size))
         for j in range(mc_samples):
             t = EVAL_T_MIN + (1.0 - EVAL_T_MIN) * ((u + j / mc_samples) % 1.0)
             xt = self.process.corrupt(x0, t, generator)
-            rows = max(1, EVAL_CHUNK // (x0.shape[1] * self.vocab_size))
             for r in range(0, B, rows):  # at the GPT-2 vocabulary (B, L, V) probabilities do not fit at once
                 sl = slice(r, r + rows)
                 logits = self._logits(model, xt[sl], t[sl], None)
