@@ -20,3 +20,15 @@ def one_line_error(code, err, *fragments):
     assert len(lines) == 1 and lines[0].startswith("dlm: error: "), err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def score(objective, logits, x0, xt, t, process, noised=None, target=None):
+    """An objective's Scored (nats, count) from full (B, L, V) logits, the way a family calls it."""
+    import torch
+
+    from dlm.objectives import Corrupted
+
+    target = torch.ones_like(x0, dtype=torch.bool) if target is None else target
+    c = Corrupted(x0, xt, t, target, noised)
+    where = objective.score_mask(c)
+    return objective(logits[where], c, where, process)

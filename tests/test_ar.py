@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from dlm.backbones import KVCache
+from dlm.batch import Batch
 from dlm.config import RunConfig
 from dlm.families import FAMILIES
 from dlm.samplers import SamplingOptions, filter_logits, sample_categorical
@@ -22,8 +23,22 @@ def test_ar_loss_equals_cross_entropy(gen):
     x0 = torch.randint(0, V, (4, 10), generator=gen)
     inp = torch.cat([torch.full((4, 1), V - 1), x0[:, :-1]], dim=1)
     expected = F.cross_entropy(model(inp).reshape(-1, V), x0.reshape(-1))
-    torch.testing.assert_close(fam.loss(model, x0, gen), expected)
-    torch.testing.assert_close(fam.nll(model, x0, gen, 1).sum() / x0.numel(), expected.double())
+    torch.testing.assert_close(fam.loss(model, Batch(x0), gen).mean(), expected)
+    torch.testing.assert_close(fam.nll(model, Batch(x0), gen, 1).sum() / x0.numel(), expected.double())
+
+
+def test_ar_scores_only_the_response_given_the_prompt(gen):
+    """With a clean prompt the loss is the cross-entropy of the response tokens alone,
+    each predicted from everything before it (the prompt included)."""
+    fam, model = tiny_ar()
+    x0 = torch.randint(0, V, (3, 10), generator=gen)
+    clean = torch.zeros(3, 10, dtype=torch.bool)
+    clean[:, :4] = True
+    inp = torch.cat([torch.full((3, 1), V - 1), x0[:, :-1]], dim=1)
+    ce = F.cross_entropy(model(inp).reshape(-1, V), x0.reshape(-1), reduction="none").view(3, 10)
+    scored = fam.loss(model, Batch(x0, clean), gen)
+    torch.testing.assert_close(scored.nats, ce[:, 4:].sum(-1))
+    assert scored.count.tolist() == [6.0] * 3
 
 
 def test_causal_model_does_not_see_the_future(gen):
@@ -49,7 +64,7 @@ def test_kv_cache_matches_full_forward(gen):
 def test_greedy_sampler_equals_argmax_decoding(gen):
     fam, model = tiny_ar()
     prompt = torch.tensor([3, 4])
-    out, nfe = fam.sample(model, 2, 10, prompt, gen, 0, SamplingOptions(temperature=0.0))
+    out, nfe = fam.generate(model, 2, 10, prompt, gen, SamplingOptions(temperature=0.0))
     seq = torch.tensor([[V - 1, 3, 4]] * 2)
     while seq.shape[1] < 11:
         seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)

@@ -142,8 +142,8 @@ def test_too_little_data_for_the_sequence_length(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv,fragment",
     [
-        (["--seq-len", "1"], "seq_len must be ≥ 2"),
-        (["--seq-len", "100000"], "more than this backbone takes"),
+        (["--seq-len", "1"], "'data.seq_len' must be in [2, 65536], got 1"),
+        (["--seq-len", "100000"], "'data.seq_len' must be in [2, 65536], got 100000"),
         (["--family", "gaussian-bogus"], "unknown family 'gaussian-bogus'"),
         (["--tokenizer", "wordpiece"], "unknown tokenizer 'wordpiece'"),
         (["--size", "huge"], "unknown model size 'huge'"),
@@ -151,8 +151,16 @@ def test_too_little_data_for_the_sequence_length(tmp_path, capsys):
         (["--schedule", "sqrt"], "unknown schedule 'sqrt'"),
         (["--objective", "sedd"], "unknown masked-diffusion objective 'sedd'"),
         (["--family", "usdm", "--objective", "sedd"], "unknown uniform-state diffusion objective 'sedd'"),
-        (["--family", "usdm", "--objective", "sddlm-v1", "sddlm.reg_eps=0"], "sddlm.reg_eps > 0"),
-        (["--family", "usdm", "sddlm.lambda=1"], "unknown config key 'sddlm.lambda'"),
+        (["--family", "usdm", "--objective", "sddlm-v1", "objective.reg_eps=0"], "'objective.reg_eps' must be > 0"),
+        (["--family", "usdm", "--objective", "sddlm-v1", "sddlm.reg_eps=0"], "'objective.reg_eps' must be > 0"),
+        (["--family", "usdm", "--objective", "sddlm-v1", "objective.lambda=1"], "unknown config key 'objective.lambda'"),
+        (["--family", "usdm", "objective.reg_weight=1"], "objective 'nelbo' takes no settings"),
+        (["--family", "ar", "time_conditioning=true"], "no diffusion time to condition on"),
+        (["--family", "mdlm", "sampler.steps=0"], "'sampler.steps' must be ≥ 1, got 0"),
+        (["model.dropout=2"], "'model.dropout' must be in [0, 1)"),
+        (["train.beta2=1.5"], "'train.beta2' must be in [0, 1)"),
+        (["train.min_lr_ratio=-1"], "'train.min_lr_ratio' must be in [0, 1]"),
+        (["--lr", "inf"], "'train.lr' must be a finite number"),
     ],
 )
 def test_bad_settings(corpus, tmp_path, capsys, argv, fragment):
@@ -226,7 +234,13 @@ def test_sample_length_longer_than_trained(trained, capsys):
     one_line_error(*run(["sample", str(trained), "--length", "4096"], capsys)[::2], "--length must be in [1, 32]")
     one_line_error(*run(["sample", str(trained), "--length", "4", "--prompt", "To be or not"], capsys)[::2],
                    "must be shorter than --length")
-    one_line_error(*run(["sample", str(trained), "--top-p", "0"], capsys)[::2], "top_p")
+    one_line_error(*run(["sample", str(trained), "--top-p", "0"], capsys)[::2], "--top-p must be in (0, 1], got 0.0")
+    # a zero is refused, never silently replaced by the default
+    one_line_error(*run(["sample", str(trained), "--steps", "0"], capsys)[::2], "--steps must be ≥ 1, got 0")
+    one_line_error(*run(["sample", str(trained), "--length", "0"], capsys)[::2], "--length must be in [1, 32]")
+    one_line_error(*run(["sample", str(trained), "--temperature", "nan"], capsys)[::2], "--temperature must be a finite number")
+    one_line_error(*run(["eval", str(trained), "--mc-samples", "0"], capsys)[::2], "--mc-samples must be ≥ 1, got 0")
+    one_line_error(*run(["eval", str(trained), "--batch-size", "0"], capsys)[::2], "--batch-size must be ≥ 1, got 0")
 
 
 def test_quickstart_command_path(tmp_path, capsys):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dlm.config import DataConfig
-from dlm.data import BlockLoader, TOKENIZERS, prepare_data
+from dlm.data import TOKENIZERS, BlockLoader, as_blocks, prepare_data
 from dlm.data.cache import tokenize_cached
 from dlm.data.corpora import load_corpus
 from dlm.errors import DlmError
@@ -110,15 +110,15 @@ def test_tokenised_once_then_memory_mapped(tmp_path, monkeypatch):
 
 
 def test_block_loader_resumes_exactly():
-    stream = np.arange(10_000, dtype=np.uint16)
-    a = BlockLoader(stream, 16, 8, seed=3)
-    seen = [a.next_batch() for _ in range(100)]  # crosses epoch boundaries (625 blocks / 8)
-    b = BlockLoader(stream, 16, 8, seed=3)
+    blocks = as_blocks(np.arange(10_000, dtype=np.uint16), 16)
+    a = BlockLoader(blocks, 8, seed=3)
+    seen = [a.next_batch().x0 for _ in range(100)]  # crosses epoch boundaries (625 blocks / 8)
+    b = BlockLoader(blocks, 8, seed=3)
     for _ in range(37):
         b.next_batch()
-    c = BlockLoader(stream, 16, 8, seed=3)
+    c = BlockLoader(blocks, 8, seed=3)
     c.load_state_dict(b.state_dict())
-    assert all((c.next_batch() == s).all() for s in seen[37:])
+    assert all((c.next_batch().x0 == s).all() for s in seen[37:])
     assert seen[0].shape == (8, 16) and seen[0].dtype.is_floating_point is False
 
 

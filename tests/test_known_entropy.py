@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from dlm.cli import main
 
@@ -68,3 +69,24 @@ def test_held_out_nll_is_not_below_the_entropy_rate(source, tmp_path, capsys, fa
     assert r["nll"] > H - 3 * r["stderr"] - 0.01, (r["nll"], H, r["stderr"])
     # … and the model did learn: far below the uniform log 8 over the symbols
     assert r["nll"] < H + 0.5 * (math.log(K) - H), (r["nll"], H)
+
+    # The conditional bound: given the first half of each block as clean context, the second
+    # half costs exactly H per token for the source (a Markov chain forgets all but the last
+    # symbol), so −log p(target | context) must not land below it either.
+    c = conditional_nll(out, mc)
+    assert c["tokens"] >= 5_000 and c["conditional"]
+    assert c["nll"] > H - 3 * c["stderr"] - 0.01, (c["nll"], H, c["stderr"])
+    assert c["nll"] < H + 0.5 * (math.log(K) - H), (c["nll"], H)
+
+
+def conditional_nll(run_dir, mc):
+    from dlm.data import prepare_data
+    from dlm.evaluate import evaluate_likelihood
+    from dlm.runs import load_run
+
+    run = load_run(run_dir, "cpu")
+    rows, _ = prepare_data(run.cfg.data, run.tokenizer).rows("val", run.cfg.data.seq_len)
+    clean = np.zeros(rows.shape, dtype=bool)
+    clean[:, : rows.shape[1] // 2] = True
+    return evaluate_likelihood(run.family, run.model, rows, run.tokenizer, torch.Generator().manual_seed(0),
+                               mc_samples=mc, clean=clean)

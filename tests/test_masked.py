@@ -7,8 +7,10 @@ from dlm.config import RunConfig
 from dlm.families import FAMILIES
 from dlm.objectives import LLaDACrossEntropy, MDLMNelbo
 from dlm.processes import MaskedProcess, low_discrepancy
+from dlm.batch import Batch
 from dlm.samplers import SamplingOptions
 from dlm.schedules import get_schedule
+from helpers import score
 
 V = 11
 
@@ -57,9 +59,7 @@ def test_low_discrepancy_draws_cover_the_interval(gen):
 
 def nelbo_of(logits, x0, xt, t, p):
     """The objective scored from full (B, L, V) logits, the way the family calls it."""
-    loss = MDLMNelbo()
-    where = loss.positions(x0, xt, p)
-    return loss(logits[where], x0, xt, t, p, where)
+    return score(MDLMNelbo(), logits, x0, xt, t, p).nats
 
 
 def test_nelbo_equals_weighted_masked_cross_entropy(gen):
@@ -106,8 +106,7 @@ def test_llada_equals_nelbo_for_loglinear(gen):
     t = torch.tensor([0.1, 0.3, 0.6, 0.9])
     xt = p.corrupt(x0, t, gen)
     logits = torch.randn(4, 20, V, generator=gen)
-    where = xt == p.mask_id
-    llada = LLaDACrossEntropy()(logits[where], x0, xt, t, p, where)
+    llada = score(LLaDACrossEntropy(), logits, x0, xt, t, p).nats
     torch.testing.assert_close(llada, nelbo_of(logits, x0, xt, t, p))
 
 
@@ -124,7 +123,7 @@ def tiny_mdlm(time_conditioning=None):
 def test_sampler_leaves_no_mask_and_keeps_prompt(steps, gen):
     fam, model = tiny_mdlm()
     prompt = torch.tensor([1, 2, 3])
-    x, nfe = fam.sample(model, 3, 24, prompt, gen, steps, SamplingOptions())
+    x, nfe = fam.generate(model, 3, 24, prompt, gen, SamplingOptions(steps=steps))
     assert x.shape == (3, 24)
     assert not (x == fam.process.mask_id).any()
     assert torch.all(x[:, :3] == prompt)
@@ -133,10 +132,11 @@ def test_sampler_leaves_no_mask_and_keeps_prompt(steps, gen):
 
 def test_cache_skips_calls_without_changing_samples():
     fam, model = tiny_mdlm()
-    sampler = fam.sampler_cls(256, SamplingOptions(), use_cache=True)
-    cached, nfe_cached = sampler.sample(model, fam.process, 2, 16, None, torch.Generator().manual_seed(1), False)
-    sampler.use_cache = False
-    plain, nfe_plain = sampler.sample(model, fam.process, 2, 16, None, torch.Generator().manual_seed(1), False)
+    given, clean = torch.zeros(2, 16, dtype=torch.long), torch.zeros(2, 16, dtype=torch.bool)
+    sampler = fam.sampler(fam.sampler_cls.Settings(steps=256, cache=True))
+    cached, nfe_cached = sampler.sample(model, fam.process, given, clean, torch.Generator().manual_seed(1), False)
+    sampler.settings.cache = False
+    plain, nfe_plain = sampler.sample(model, fam.process, given, clean, torch.Generator().manual_seed(1), False)
     assert torch.equal(cached, plain)
     # a call is needed only after a step that unmasked something: ≤ one per token of the batch
     assert nfe_cached <= 2 * 16 + 1 < nfe_plain
@@ -145,7 +145,7 @@ def test_cache_skips_calls_without_changing_samples():
 def test_time_conditioned_sampler_runs_every_step(gen):
     fam, model = tiny_mdlm(time_conditioning=True)
     # 2 × 64 tokens over 5 steps: masks remain until the last step, so every step calls the net
-    x, nfe = fam.sample(model, 2, 64, None, gen, 5, SamplingOptions())
+    x, nfe = fam.generate(model, 2, 64, None, gen, fam.sampler_cls.Settings(steps=5))
     assert not (x == fam.process.mask_id).any()
     assert nfe == 5
 
@@ -179,9 +179,7 @@ def test_time_and_count_estimators_agree_with_the_exact_nelbo():
             xt = x0.repeat(len(sets), 1)
             for row, s in enumerate(sets):
                 xt[row, list(s)] = p.mask_id
-            ce = CountNelbo()
-            where = xt == p.mask_id
-            exact += (ce(model(xt, positions=where), x0.expand_as(xt), xt, None, p, where) / L).mean().item()
+            exact += (score(CountNelbo(), model(xt), x0.expand_as(xt), xt, None, p).nats / L).mean().item()
 
         n = 16_000
         g = torch.Generator().manual_seed(4)
@@ -189,8 +187,8 @@ def test_time_and_count_estimators_agree_with_the_exact_nelbo():
             p.schedule = get_schedule(name)
             for objective in (MDLMNelbo(), CountNelbo()):
                 frac = torch.rand(n, generator=g)
-                xt, t = fam._corrupt(objective, x0.expand(n, L), frac, g, 1e-6)
-                where = objective.positions(x0, xt, p)
-                vals = objective(model(xt, positions=where), x0.expand(n, L), xt, t, p, where).double()
+                c = fam.corrupt(objective, Batch(x0.expand(n, L)), frac, g, 1e-6)
+                where = objective.score_mask(c)
+                vals = objective(model(c.xt, score_mask=where), c, where, p).nats.double()
                 mean, se = vals.mean().item(), vals.std().item() / n**0.5
                 assert abs(mean - exact) < 4 * se + 1e-3, (name, objective.name, mean, exact, se)

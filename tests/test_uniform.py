@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from dlm.config import RunConfig
+from dlm.batch import Batch
+from dlm.config import ComponentConfig, RunConfig
 from dlm.families import FAMILIES
-from dlm.objectives import UNIFORM_OBJECTIVES, UniformNelbo
+from dlm.objectives import UNIFORM_OBJECTIVES, Corrupted, UniformNelbo
 from dlm.processes import UniformProcess
 from dlm.samplers import SamplingOptions
 from dlm.schedules import get_schedule
@@ -99,7 +100,7 @@ def exact_nelbo(schedule: str, p_data: torch.Tensor, denoiser) -> float:
         joint = p_data[:, None] * q
         post = (joint / joint.sum(0, keepdim=True)).T  # p(x0 | x_t) at [x_t, x0]
         x_theta = denoiser(t, post)[xt[:, 0]]
-        f = obj.per_sequence(x_theta.log()[:, None, :], x0, xt, t.expand(n * n).float(), p)
+        f = obj.per_position(x_theta.log(), x0[:, 0], xt[:, 0], t.expand(n * n).float(), p)
         total += w / 2 * float((joint.reshape(-1) * f).sum())
     return total
 
@@ -131,20 +132,18 @@ def test_nelbo_of_other_denoisers_is_above_the_entropy(denoiser):
         assert nelbo == pytest.approx(math.log(n), abs=2e-4)  # a uniform model pays log V exactly
 
 
-def family(objective, vocab=50, **sddlm):
-    cfg = RunConfig(family="usdm", objective=objective)
-    for k, v in sddlm.items():
-        setattr(cfg.sddlm, k, v)
+def family(objective, vocab=50, **settings):
+    cfg = RunConfig(family="usdm", objective=ComponentConfig(objective, settings))
     return FAMILIES.get("usdm")(cfg, vocab, 0)
 
 
 @pytest.mark.parametrize("objective", ["nelbo", "naive", "sddlm", "sddlm-v1", "sddlm-v2"])
 def test_every_objective_has_a_finite_gradient(objective, gen):
-    fam = family(objective, negatives=3)
+    fam = family(objective, **({"negatives": 3} if objective == "sddlm-v1" else {}))
     model = fam.build_model()
     torch.nn.init.normal_(model.head.weight, std=0.5)  # not the zero-init head: a real gradient
     x0 = torch.randint(0, 50, (4, 16), generator=gen)
-    loss = fam.loss(model, x0, gen)
+    loss = fam.loss(model, Batch(x0), gen).mean()
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
@@ -155,11 +154,12 @@ def test_registry_lists_the_papers_objectives():
     assert set(UNIFORM_OBJECTIVES.names()) >= {"nelbo", "naive", "sddlm", "sddlm-v1", "sddlm-v2"}
 
 
-def _loss_with_logits(objective, logits, x0, xt, gen, **sddlm):
-    fam = family(objective, vocab=logits.shape[-1], **sddlm)
-    where = fam.objective.positions(x0, xt, xt != x0)
-    at = logits if where is None else logits[where]
-    return fam.objective(at, x0, xt, torch.full((x0.shape[0],), 0.5), fam.process, where, gen)
+def _loss_with_logits(objective, logits, x0, xt, gen, **settings):
+    fam = family(objective, vocab=logits.shape[-1], **settings)
+    c = Corrupted(x0, xt, torch.full((x0.shape[0],), 0.5), torch.ones_like(x0, dtype=torch.bool), xt != x0)
+    c = fam.objective.draw(c, gen, fam.process)
+    where = fam.objective.score_mask(c)
+    return fam.objective(logits[where], c, where, fam.process).mean()
 
 
 @pytest.mark.parametrize("objective", ["sddlm", "sddlm-v1", "sddlm-v2"])
@@ -211,8 +211,10 @@ def test_regularisers_push_the_negatives_down(gen):
     assert (grad_at_xt > plain.grad.gather(-1, xt[..., None])).all()
     # V1 never uses the target itself as a negative
     fam = family("sddlm-v1", vocab=3, negatives=50)
-    neg = fam.objective.negatives_at(torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long), 3, gen)
-    assert neg.shape == (4, 50) and set(neg.unique().tolist()) == {0, 1, 2}  # drawn uniformly; x0 masked out in the loss
+    zeros = torch.zeros(1, 4, dtype=torch.long)
+    c = fam.objective.draw(Corrupted(zeros, zeros + 1, torch.zeros(1), zeros == 0), gen, fam.process)
+    neg = c.negatives
+    assert neg.shape == (1, 4, 50) and set(neg.unique().tolist()) == {0, 1, 2}  # drawn uniformly; x0 masked out in the loss
 
 
 def test_bad_regulariser_settings_are_refused():
@@ -230,8 +232,8 @@ def test_sampler_keeps_the_prompt_and_self_corrects(steps, gen):
     model = fam.build_model().eval()
     torch.nn.init.normal_(model.head.weight, std=1.0)
     prompt = torch.tensor([3, 1, 4])
-    opts = SamplingOptions(temperature=1.0, top_p=0.9)
-    x, nfe = fam.sample(model, 3, 24, prompt, gen, steps, opts)
+    opts = SamplingOptions(steps=steps, temperature=1.0, top_p=0.9)
+    x, nfe = fam.generate(model, 3, 24, prompt, gen, opts)
     assert x.shape == (3, 24) and nfe == steps
     assert torch.equal(x[:, :3], prompt.expand(3, -1))
     assert int(x.min()) >= 0 and int(x.max()) < 40
@@ -249,43 +251,42 @@ def test_sampler_last_step_is_greedy_and_positions_change_along_the_way():
         model.head.weight.zero_()
         model.head.bias.zero_()
         model.head.bias[7] = 6.0
-    sampler = UniformAncestralSampler(6, SamplingOptions())
+    sampler = UniformAncestralSampler(UniformAncestralSampler.Settings(steps=6))
     seen = []
     draw = sampler._draw
     sampler._draw = lambda logits, xt, *rest: seen.append(xt.clone()) or draw(logits, xt, *rest)
-    x, nfe = sampler.sample(model, fam.process, 4, 32, None, torch.Generator().manual_seed(0), True)
+    given, clean = torch.zeros(4, 32, dtype=torch.long), torch.zeros(4, 32, dtype=torch.bool)
+    x, nfe = sampler.sample(model, fam.process, given, clean, torch.Generator().manual_seed(0), True)
     assert bool((x == 7).all()) and nfe == 6
     history = torch.stack(seen)  # (5, N): the tokens before each non-greedy step
     assert bool(((history[1:] != history[:-1]) & (history[:-1] == 7)).any())  # a 7 drawn earlier moved again
 
 
 def test_eval_in_row_chunks_gives_the_same_bound(monkeypatch):
-    import dlm.families.usdm as usdm
-
     fam = family("nelbo")
     model = fam.build_model().eval()
     torch.nn.init.normal_(model.head.weight, std=0.3)
     x0 = torch.randint(0, 50, (6, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        whole = fam.nll(model, x0, torch.Generator().manual_seed(1), 2)
-        monkeypatch.setattr(usdm, "EVAL_CHUNK", 16 * 50 * 2)  # two rows at a time
-        chunked = fam.nll(model, x0, torch.Generator().manual_seed(1), 2)
+        whole = fam.nll(model, Batch(x0), torch.Generator().manual_seed(1), 2)
+        monkeypatch.setattr(fam, "eval_chunk", 16 * 50 * 2)  # two rows at a time
+        chunked = fam.nll(model, Batch(x0), torch.Generator().manual_seed(1), 2)
     assert torch.allclose(whole, chunked)
     assert (whole / 16 > 0).all()
 
 
 def test_sddlm_where_noised_scores_every_resampled_position(gen):
-    fam = family("sddlm", vocab=5)
-    fam.objective = type(fam.objective)(where="noised")
+    fam = family("sddlm", vocab=5, where="noised")
     x0 = torch.randint(0, 5, (8, 400), generator=gen)
     xt, noised = fam.process.corrupt_with_noise(x0, torch.full((8,), 0.7), gen)
-    where = fam.objective.positions(x0, xt, noised)
+    c = Corrupted(x0, xt, torch.full((8,), 0.7), torch.ones_like(x0, dtype=torch.bool), noised)
+    where = fam.objective.score_mask(c)
     assert torch.equal(where, noised)
     assert bool((where & (xt == x0)).any())  # redrawn as itself: scored under "noised" …
-    changed = family("sddlm", vocab=5).objective.positions(x0, xt, noised)
+    changed = family("sddlm", vocab=5).objective.score_mask(c)
     assert not bool((changed & (xt == x0)).any())  # … never under "changed"
-    with pytest.raises(Exception, match="sddlm.where"):
-        type(fam.objective)(where="everywhere")
+    with pytest.raises(Exception, match="objective.where"):
+        family("sddlm", where="everywhere")
 
 
 def test_what_each_cross_entropy_converges_to_under_the_bound():
@@ -314,7 +315,7 @@ def test_sampler_step_draws_from_the_posterior(options, a_t, a_s):
     logits = torch.randn(3, 5, generator=g) * 2
     xt = torch.tensor([0, 3, 4])
     n = 60000
-    sampler = UniformAncestralSampler(4, options)
+    sampler = UniformAncestralSampler(options)
     draws = sampler._draw(logits.repeat_interleave(n, 0), xt.repeat_interleave(n), torch.tensor(a_t),
                           torch.tensor(a_s), p, g).view(3, n)
     x_theta = filter_logits(logits, options).softmax(-1)

@@ -36,7 +36,7 @@ VARIANTS = {  # key: (label, family, objective, extra config overrides)
     "sddlm-v1": ("usdm sddlm-v1", "usdm", "sddlm-v1", []),
     "sddlm-v2": ("usdm sddlm-v2", "usdm", "sddlm-v2", []),
     # not in the paper: the cross-entropy over every resampled position (docs/uniform.md)
-    "sddlm-noised": ("usdm sddlm, where=noised", "usdm", "sddlm", ["sddlm.where=noised"]),
+    "sddlm-noised": ("usdm sddlm, where=noised", "usdm", "sddlm", ["objective.where=noised"]),
 }
 DEFAULT = ["mdlm", "naive", "nelbo", "sddlm", "sddlm-v1", "sddlm-v2"]
 

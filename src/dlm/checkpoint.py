@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,55 +31,84 @@ from safetensors.torch import load_file, save_file
 from dlm import __version__
 from dlm.config import RunConfig, from_dict, load_yaml, save_yaml
 from dlm.errors import DlmError
+# atomic_write_text is imported from here by callers too
+from dlm.fsio import atomic_write_text, ensure_dir, fsync_dir, honour_umask, make_temp_dir, writing
+from dlm.runlock import LOCK, run_lock
 
-RUN_FORMAT = "dlm-run/1"
+RUN_FORMAT = "dlm-run/2"
+# Formats this dlm reads. dlm-run/1 (before per-component settings): its config.yaml has a
+# root-level ``sddlm`` section, ``objective``/``sampler`` as names and a ``sample`` section;
+# ``dlm.config.migrate`` rewrites it into the current layout on load. Checkpoints are unchanged.
+READABLE_FORMATS = ("dlm-run/1", RUN_FORMAT)
 MARKER = "dlm-run.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+CHECKPOINT_NAME = re.compile(r"step_\d{8,}")  # what save_checkpoint names and `latest` may name
 
 
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def create_run_dir(path: Path, cfg: RunConfig, tokenizer) -> None:
-    """Write the run's config and tokenizer; refuses a folder that already holds anything."""
+def create_run_dir(path: Path, cfg: RunConfig, tokenizer, data_identity: str | None = None) -> None:
+    """Write the run's config, tokenizer and marker into a new or empty folder ``path``.
+
+    A run folder with no checkpoint (its run was killed before the first one) holds
+    nothing worth keeping, and refusing it would leave the user in a loop (``--resume``:
+    no checkpoint yet; ``train``: already holds a run), so it is started afresh. Under
+    ``run_lock``, so a live run is never mistaken for such a one. ``data_identity``
+    (:func:`dlm.data.corpora.data_identity`) goes into the marker for ``--resume`` to check.
+    """
     path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        if is_run_dir(path):
+    with run_lock(path):
+        with writing(path, "read"):
+            entries = [p for p in path.iterdir() if p.name != LOCK]
+        if entries and is_run_dir(path) and not has_checkpoint(path):
+            _clear_unstarted_run(path)
+        elif entries and is_run_dir(path):
             raise DlmError(f"{path} already holds a run: pass --resume to continue it, or choose another --out")
-        raise DlmError(f"{path} exists and is not empty: choose another --out")
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / "config.yaml", save_yaml(cfg))
-    tokenizer.save(path / "tokenizer.json")
-    marker = {"format": RUN_FORMAT, "family": cfg.family, "dlm_version": __version__}
-    atomic_write_text(path / MARKER, json.dumps(marker, indent=1))  # last: the run now exists
+        elif entries:
+            raise DlmError(f"{path} exists and is not empty: choose another --out")
+        try:
+            atomic_write_text(path / "config.yaml", save_yaml(cfg))
+            tokenizer.save(path / "tokenizer.json")
+            marker = {"format": RUN_FORMAT, "family": cfg.family, "dlm_version": __version__}
+            if data_identity is not None:
+                marker["data_identity"] = data_identity
+            atomic_write_text(path / MARKER, json.dumps(marker, indent=1))  # last: the run now exists
+        except BaseException:  # a full disk, Ctrl-C: leave no half-made run behind
+            for name in ("config.yaml", "tokenizer.json"):
+                (path / name).unlink(missing_ok=True)
+            raise
+
+
+def _clear_unstarted_run(path: Path) -> None:
+    """Remove what a run killed before its first checkpoint wrote beside its config."""
+    with writing(path, "clear"):
+        (path / "metrics.jsonl").unlink(missing_ok=True)
+        for folder in ("checkpoints", "tensorboard"):
+            if (path / folder).is_dir():
+                shutil.rmtree(path / folder)
+
+
+def _read_marker(path: Path) -> dict[str, Any]:
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        raise DlmError(f"{path / MARKER} is corrupt") from None
+    if not isinstance(marker, dict) or "format" not in marker:
+        raise DlmError(f"{path / MARKER} is corrupt: expected a JSON object with a 'format' field")
+    return marker
+
+
+def run_family(path: Path) -> str | None:
+    """The family the run in ``path`` was started as (its marker), or None if it saved none."""
+    found = _read_marker(Path(path)).get("family")
+    return found if isinstance(found, str) else None
+
+
+def run_data_identity(path: Path) -> str | None:
+    """The data identity saved when the run in ``path`` started; None for runs that saved none."""
+    found = _read_marker(Path(path)).get("data_identity")
+    return found if isinstance(found, str) else None
 
 
 def read_run_config(path: Path) -> RunConfig:
@@ -88,12 +117,10 @@ def read_run_config(path: Path) -> RunConfig:
         raise DlmError(f"run folder {path} does not exist")
     if not is_run_dir(path):
         raise DlmError(f"{path} is not a dlm run folder (no {MARKER})")
-    try:
-        marker = json.loads((path / MARKER).read_text())
-    except (OSError, ValueError):
-        raise DlmError(f"{path / MARKER} is corrupt") from None
-    if marker.get("format") != RUN_FORMAT:
-        raise DlmError(f"{path} was written in format {marker.get('format')!r}; this dlm reads {RUN_FORMAT}")
+    marker = _read_marker(path)
+    if not isinstance(marker, dict) or marker.get("format") not in READABLE_FORMATS:
+        found = marker.get("format") if isinstance(marker, dict) else None
+        raise DlmError(f"{path} was written in format {found!r}; this dlm reads {', '.join(READABLE_FORMATS)}")
     return from_dict(load_yaml(path / "config.yaml"))
 
 
@@ -113,34 +140,61 @@ def save_checkpoint(
     trainer: dict[str, Any],
     keep: int = 2,
 ) -> Path:
+    """Write checkpoint ``step`` and point ``latest`` at it; a failure leaves the previous one.
+
+    A full disk or an unwritable folder ends in one line (a DlmError that is also an
+    OSError); the temporary folder is removed and ``latest`` still names a complete one.
+    """
     ckpts = Path(run_dir) / "checkpoints"
-    ckpts.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     final = ckpts / name
+    ensure_dir(ckpts)
     if not final.exists():
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckpts))
-        try:
-            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        _write_checkpoint(final, step, model, ema, trainer)
+    atomic_write_text(ckpts / "latest", name + "\n")
+    # prune: keep the newest `keep` complete checkpoints (and any in-progress temp folders of others)
+    for old in _complete_checkpoints(ckpts)[:-keep] if keep > 0 else []:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(final: Path, step: int, model: torch.nn.Module, ema: dict[str, torch.Tensor] | None,
+                      trainer: dict[str, Any]) -> None:
+    """Fill a temporary folder, flush it, and rename it to ``final`` in one step."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = make_temp_dir(final.parent, f".tmp-{final.name}-")
+    try:
+        # torch.save and safetensors report a full disk as RuntimeError / SafetensorError;
+        # diagnosed here, while the partial files still fill the disk
+        with writing(final, also=(RuntimeError, SafetensorError)):
             save_file(state, tmp / "model.safetensors", metadata={"format": RUN_FORMAT, "step": str(step)})
             if ema is not None:
                 save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
             torch.save(trainer, tmp / "trainer.pt")
             (tmp / "meta.json").write_text(json.dumps({"format": RUN_FORMAT, "step": step}))
             for f in tmp.iterdir():
+                honour_umask(f)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             os.rename(tmp, final)
-            _fsync_dir(ckpts)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    atomic_write_text(ckpts / "latest", name + "\n")
-    # prune: keep the newest `keep` complete checkpoints (and any in-progress temp folders of others)
-    done = sorted(p for p in ckpts.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for old in done[:-keep] if keep > 0 else []:
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _complete_checkpoints(ckpts: Path) -> list[Path]:
+    """The complete checkpoint folders in ``ckpts``, oldest first."""
+    if not ckpts.is_dir():
+        return []
+    return sorted(p for p in ckpts.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and (p / "meta.json").is_file())
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether the run has written a checkpoint (``latest`` exists or a complete one does)."""
+    ckpts = Path(run_dir) / "checkpoints"
+    return (ckpts / "latest").exists() or bool(_complete_checkpoints(ckpts))
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
@@ -152,11 +206,26 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
+    """The folder ``checkpoints/latest`` names, which must be one of this run's checkpoints.
+
+    A run killed between renaming its first checkpoint into place and writing ``latest``
+    has none: the newest complete checkpoint stands in for it.
+    """
     ckpts = Path(run_dir) / "checkpoints"
     try:
-        name = (ckpts / "latest").read_text().strip()
-    except OSError:
-        raise DlmError(f"{run_dir} has no checkpoint yet") from None
+        name = (ckpts / "latest").read_text(errors="replace").strip()
+    except FileNotFoundError:
+        done = _complete_checkpoints(ckpts)
+        if not done:
+            raise DlmError(
+                f"{run_dir} has no checkpoint yet (its run stopped before the first one): "
+                "start it again with the same `dlm train` command, without --resume"
+            ) from None
+        return done[-1]
+    except OSError as e:
+        raise DlmError(f"cannot read {ckpts / 'latest'}: {e.strerror}") from None
+    if not CHECKPOINT_NAME.fullmatch(name):
+        raise DlmError(f"{ckpts / 'latest'} names {name[:80]!r}, which is not a checkpoint of this run (step_NNNNNNNN)")
     path = ckpts / name
     if not (path / "meta.json").is_file():
         raise DlmError(f"checkpoint {path} named in 'latest' is missing or incomplete")
@@ -167,11 +236,13 @@ def load_checkpoint(run_dir: Path, with_trainer: bool = True) -> Checkpoint:
     path = latest_checkpoint(run_dir)
     try:
         meta = json.loads((path / "meta.json").read_text())
-        step = int(meta["step"])
-    except (OSError, ValueError, KeyError):
-        raise DlmError(f"checkpoint {path} is corrupt (meta.json unreadable)") from None
-    if meta.get("format") != RUN_FORMAT:
-        raise DlmError(f"checkpoint {path} has format {meta.get('format')!r}, expected {RUN_FORMAT}")
+        step = meta["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DlmError(f"checkpoint {path} is corrupt ({path / 'meta.json'} unreadable)") from None
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise DlmError(f"checkpoint {path} is corrupt ({path / 'meta.json'} has step {step!r}, not a number)")
+    if meta.get("format") not in READABLE_FORMATS:
+        raise DlmError(f"checkpoint {path} has format {meta.get('format')!r}, expected one of {', '.join(READABLE_FORMATS)}")
 
     def tensors(name: str) -> dict[str, torch.Tensor]:
         try:
@@ -187,6 +258,9 @@ def load_checkpoint(run_dir: Path, with_trainer: bool = True) -> Checkpoint:
             trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
         except Exception as e:  # pickle/zip errors of many types all mean "corrupt"
             raise DlmError(f"checkpoint file {path / 'trainer.pt'} is corrupt: {type(e).__name__}") from None
+        if not isinstance(trainer, dict):
+            found = type(trainer).__name__
+            raise DlmError(f"checkpoint file {path / 'trainer.pt'} is corrupt: it holds a {found}, not a dict")
     return Checkpoint(step, model, ema, trainer)
 
 
@@ -197,12 +271,13 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
     unexpected = sorted(set(weights) - set(own))
     if missing or unexpected:
         raise DlmError(
-            f"checkpoint {source} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"checkpoint {source} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+            "a different family, tokenizer or model size?"
         )
     for key, tensor in weights.items():
         if own[key].shape != tensor.shape:
             raise DlmError(
                 f"checkpoint {source} does not fit this model: {key} has shape {tuple(tensor.shape)}, "
-                f"the model expects {tuple(own[key].shape)} (a different tokenizer or size?)"
+                f"the model expects {tuple(own[key].shape)} (a different family, tokenizer or model size?)"
             )
     model.load_state_dict(weights)

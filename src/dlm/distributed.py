@@ -47,6 +47,13 @@ class Dist:
             t /= self.world
         return t.tolist()
 
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Σ of a tensor over ranks (no host synchronisation)."""
+        if self.enabled:
+            t = t.to(self._device())
+            torch.distributed.all_reduce(t)
+        return t
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if not self.enabled:
             return model

@@ -1,10 +1,16 @@
 """Likelihood evaluation: NLL, perplexity, bits per token and bits per byte.
 
 For an autoregressive model the NLL is exact. For a diffusion model it is the NELBO, an
-upper bound on −log p, estimated with ``mc_samples`` Monte Carlo times per sequence; every
+upper bound on −log p, estimated with ``mc_samples`` Monte Carlo draws per sequence; every
 figure derived from it (perplexity, bits) is then an upper bound too.
 
-* ``nll``: total nats over all evaluated tokens / number of tokens (block-level, each
+Conditional likelihood: rows may carry a clean mask (a prompt, a context) and a padding
+mask; then only the target tokens are scored, given the clean ones: −log p(target | context),
+exact for AR, and for the diffusion families a bound whose forward process corrupts only
+the target (masked diffusion: LLaDA's conditional estimator over the number of masked
+target tokens; uniform state: the NELBO with the context kept clean).
+
+* ``nll``: total nats over all scored tokens / number of scored tokens (text blocks: each
   block of ``seq_len`` tokens scored jointly, its first token included).
 * ``bits_per_byte``: total nats / ln 2 / UTF-8 bytes the tokens stand for (special tokens
   count 0 bytes): comparable across tokenizers.
@@ -38,6 +44,7 @@ import math
 import numpy as np
 import torch
 
+from dlm.batch import Batch
 from dlm.data import Tokenizer, as_blocks
 from dlm.device import autocast
 from dlm.errors import DlmError
@@ -51,10 +58,16 @@ def select_blocks(stream: np.ndarray, seq_len: int, max_tokens: int) -> np.ndarr
     blocks = as_blocks(stream, seq_len)
     if len(blocks) == 0:
         raise DlmError(f"the evaluation split has {len(stream)} tokens, fewer than one sequence of {seq_len}")
-    if max_tokens and len(blocks) * seq_len > max_tokens:
-        n = max(1, max_tokens // seq_len)
-        blocks = blocks[np.linspace(0, len(blocks) - 1, n).round().astype(np.int64)]
-    return blocks
+    return blocks[select_rows(blocks, max_tokens)]
+
+
+def select_rows(rows: np.ndarray, max_tokens: int) -> np.ndarray:
+    """Indices of all rows, or of ≤ max_tokens worth of them spread evenly."""
+    n_rows, L = rows.shape
+    if max_tokens and n_rows * L > max_tokens:
+        n = max(1, max_tokens // L)
+        return np.linspace(0, n_rows - 1, n).round().astype(np.int64)
+    return np.arange(n_rows)
 
 
 @torch.no_grad()
@@ -67,25 +80,45 @@ def evaluate_likelihood(
     mc_samples: int = 4,
     batch_size: int = 32,
     train_stream: np.ndarray | None = None,
+    clean: np.ndarray | None = None,
+    pad: np.ndarray | None = None,
 ) -> dict:
+    """Likelihood figures of the target tokens of ``blocks`` (N, L) (every token, or those
+    neither ``clean`` nor ``pad``, (N, L) bool)."""
     if mc_samples < 1:
         raise DlmError(f"mc_samples must be ≥ 1, got {mc_samples}")
+    if batch_size < 1:
+        raise DlmError(f"batch_size must be ≥ 1, got {batch_size}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     token_bytes = tokenizer.token_bytes()
+
+    def part(mask, sl):
+        return None if mask is None else torch.from_numpy(np.asarray(mask[sl], dtype=bool))
+
     per_seq: list[np.ndarray] = []
     for i in range(0, len(blocks), batch_size):
-        x0 = torch.from_numpy(blocks[i : i + batch_size].astype(np.int64)).to(device)
+        sl = slice(i, i + batch_size)
+        batch = Batch(torch.from_numpy(blocks[sl].astype(np.int64)), part(clean, sl), part(pad, sl)).to(device)
         with autocast(device):
-            per_seq.append(family.nll(model, x0, generator, mc_samples).double().cpu().numpy())
+            per_seq.append(family.nll(model, batch, generator, mc_samples).double().cpu().numpy())
     model.train(was_training)
     nll_seq = np.concatenate(per_seq)  # (N,) nats per sequence
     n, L = blocks.shape
-    total_tokens = n * L
-    total_bytes = int(token_bytes[blocks].sum())
+    target = np.ones(blocks.shape, dtype=bool)
+    for mask in (clean, pad):
+        if mask is not None:
+            target &= ~np.asarray(mask, dtype=bool)
+    tokens_seq = target.sum(1)
+    total_tokens = int(tokens_seq.sum())
+    if total_tokens == 0:
+        raise DlmError("nothing to score: every token of the evaluated rows is clean context or padding")
+    total_bytes = int(token_bytes[blocks][target].sum())
     nll = float(nll_seq.sum() / total_tokens)
-    stderr = float(np.std(nll_seq / L, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    scored = tokens_seq > 0
+    per_token = nll_seq[scored] / tokens_seq[scored]
+    stderr = float(np.std(per_token, ddof=1) / math.sqrt(len(per_token))) if len(per_token) > 1 else float("nan")
     result = {
         "nll": nll,
         "ppl": math.exp(nll),
@@ -98,17 +131,19 @@ def evaluate_likelihood(
         "sequences": n,
         "seq_len": L,
         "bound": family.is_bound,
+        "conditional": clean is not None,
         "mc_samples": mc_samples if family.is_bound else 0,
     }
     if train_stream is not None:
-        result.update(unigram_references(tokenizer, train_stream, blocks))
+        result.update(unigram_references(tokenizer, train_stream, blocks[target]))
     return result
 
 
 def unigram_references(tokenizer: Tokenizer, train_stream: np.ndarray, blocks: np.ndarray) -> dict:
-    """Bits per byte of ``blocks`` under a token unigram and a byte unigram fitted to ``train_stream``."""
+    """Bits per byte of the tokens ``blocks`` (any shape) under a token unigram and a byte
+    unigram fitted to the tokens ``train_stream`` (any shape)."""
     V = tokenizer.vocab_size
-    train = np.bincount(np.asarray(train_stream), minlength=V).astype(np.float64)
+    train = np.bincount(np.asarray(train_stream).ravel(), minlength=V).astype(np.float64)
     held = np.bincount(blocks.ravel(), minlength=V).astype(np.float64)
     strings = tokenizer.token_byte_strings()
 
@@ -174,4 +209,108 @@ def generative_perplexity(judge, documents: list[str]) -> dict:
         "judge_tokens": n,
         "judge_documents": len(documents),
         "judge": judge.name,
+    }
+
+
+def _ratio_stderr(hits: np.ndarray, counts: np.ndarray) -> float:
+    """Standard error of sum(hits) / sum(counts) over rows (the ratio estimator's delta method,
+    rows as clusters): √(Σ (h_i − r·c_i)² / (n (n − 1))) / mean(c)."""
+    n = len(counts)
+    if n < 2 or counts.sum() == 0:
+        return float("nan")
+    r = hits.sum() / counts.sum()
+    return float(math.sqrt(((hits - r * counts) ** 2).sum() / (n * (n - 1))) / counts.mean())
+
+
+@torch.no_grad()
+def answer_accuracy(
+    family: Family,
+    model: torch.nn.Module,
+    rows: np.ndarray,
+    clean: np.ndarray,
+    tokenizer: Tokenizer,
+    generator: torch.Generator,
+    settings=None,
+    batch_size: int = 16,
+    examples: int = 3,
+) -> dict:
+    """How well a fine-tuned model answers: generate after the clean prompt of each row of
+    ``rows`` (N, L) (``clean`` (N, L) bool: the prompt) and compare with the reference.
+
+    * ``answer_exact_match``: the generated answer, decoded up to its first end-of-text and
+      stripped, equals the stripped reference response; stderr √(p(1−p)/(N−1)).
+    * ``answer_token_accuracy``: over the reference's target tokens — its response tokens and
+      the first end-of-text after them (the whole rest of the row if the response was cut) —
+      the fraction the generated row holds at the same positions; the ratio of sums over
+      rows, its stderr by the delta method with rows as clusters.
+
+    The reference answer is never shown to the sampler: every non-clean position starts from
+    token 0 (the sampler replaces it with its prior). Rows go to the sampler in order of
+    prompt length (the autoregressive sampler generates rows of equal prefix length together),
+    ``batch_size`` at a time, from the one ``generator``.
+    """
+    import time
+
+    rows = np.asarray(rows, dtype=np.int64)
+    clean = np.asarray(clean, dtype=bool)
+    if rows.ndim != 2 or rows.shape != clean.shape or len(rows) == 0:
+        raise DlmError(f"answer_accuracy needs (N, L) rows and a clean mask of the same shape, got "
+                       f"{rows.shape} and {clean.shape}")
+    if batch_size < 1:
+        raise DlmError(f"batch_size must be ≥ 1, got {batch_size}")
+    n, L = rows.shape
+    eos = tokenizer.eos_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    prompt_len = clean.sum(1)
+    generated = np.empty_like(rows)
+    nfe, seconds = 0, 0.0
+    order = np.argsort(prompt_len, kind="stable")
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        given = torch.from_numpy(np.where(clean[idx], rows[idx], 0)).to(device)
+        mask = torch.from_numpy(clean[idx]).to(device)
+        t0 = time.perf_counter()
+        out, calls = family.sample(model, given, mask, generator, settings)  # as `dlm sample` does: no autocast
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        generated[idx] = out.cpu().numpy()
+        nfe += calls
+    model.train(was_training)
+
+    def until_eos(row: np.ndarray, start: int) -> np.ndarray:
+        """row[start:] up to (not including) its first end-of-text."""
+        tail = row[start:]
+        stop = np.flatnonzero(tail == eos)
+        return tail[: stop[0]] if len(stop) else tail
+
+    exact = np.zeros(n)
+    hits = np.zeros(n)
+    counts = np.zeros(n)
+    shown = []
+    for i in range(n):
+        p = int(prompt_len[i])
+        ref = until_eos(rows[i], p)
+        end = min(p + len(ref) + 1, L)  # the response and the end-of-text that ends it
+        counts[i] = end - p
+        hits[i] = (generated[i, p:end] == rows[i, p:end]).sum()
+        ref_text = tokenizer.decode(ref.tolist())
+        answer = tokenizer.decode(until_eos(generated[i], p).tolist())
+        exact[i] = answer.strip() == ref_text.strip()
+        if len(shown) < examples:
+            prompt = tokenizer.decode(rows[i, :p].tolist())
+            shown.append({"prompt_tail": prompt[-80:], "reference": ref_text, "answer": answer})
+    em = float(exact.mean())
+    return {
+        "answers": n,
+        "answer_exact_match": em,
+        "answer_exact_match_stderr": float(math.sqrt(em * (1 - em) / (n - 1))) if n > 1 else float("nan"),
+        "answer_token_accuracy": float(hits.sum() / counts.sum()),
+        "answer_token_accuracy_stderr": _ratio_stderr(hits, counts),
+        "answer_target_tokens": int(counts.sum()),
+        "answer_nfe": nfe,
+        "answer_seconds": seconds,
+        "answer_examples": shown,
     }

@@ -19,14 +19,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dlm.checkpoint import create_run_dir, load_checkpoint, load_weights, remove_partial_checkpoints, save_checkpoint
+from dlm.checkpoint import (create_run_dir, load_checkpoint, load_weights, remove_partial_checkpoints,
+                            run_data_identity, save_checkpoint)
 from dlm.config import RunConfig
 from dlm.data import BlockLoader, TokenData, load_tokenizer, prepare_data
-from dlm.data.cache import require_blocks
+from dlm.data.corpora import check_data_identity
 from dlm.device import autocast, generator, resolve_device
 from dlm.distributed import Dist, init_distributed
 from dlm.errors import DlmError
 from dlm.families import FAMILIES, Family
+from dlm.metrics import trim_metrics
+from dlm.runlock import run_lock
 
 
 @dataclass
@@ -41,21 +44,10 @@ class TrainResult:
 
 
 def check_config(cfg: RunConfig) -> None:
-    t, d = cfg.train, cfg.data
-    checks = [
-        (t.steps > 0, f"train.steps must be > 0, got {t.steps}"),
-        (t.batch_size > 0, f"train.batch_size must be > 0, got {t.batch_size}"),
-        (t.grad_accum > 0, f"train.grad_accum must be > 0, got {t.grad_accum}"),
-        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
-        (0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}"),
-        (d.seq_len >= 2, f"data.seq_len must be ≥ 2, got {d.seq_len}"),
-        (d.seq_len <= 65536, f"data.seq_len {d.seq_len} is more than this backbone takes (65536)"),
-        (t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise DlmError(message)
-    FAMILIES.get(cfg.family)
+    """Every setting in range and the family's components resolved (raises DlmError)."""
+    from dlm.config import finalize
+
+    finalize(cfg)
 
 
 class EMA:
@@ -71,6 +63,42 @@ class EMA:
         d = min(self.decay, (1 + step) / (10 + step))
         for k, v in model.state_dict().items():
             self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+
+
+def accumulate_gradients(family: Family, net: torch.nn.Module, model: torch.nn.Module, batches, noise: torch.Generator,
+                         dist: Dist, device: torch.device) -> float:
+    """Gradients of one optimiser step over the global micro-batches ``batches``; returns its loss.
+
+    Each rank scores its rows of every micro-batch; the gradient is that of
+    Σ nats / Σ scored tokens over the whole step — every micro-batch and every rank — so
+    one process with batch 2b and two with batch b take the same step, and a sequence with
+    few scored tokens weighs no more than its tokens do.
+    """
+    mine = slice(dist.rank, None, dist.world)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # Σ nats, Σ scored tokens
+    batches = list(batches)
+    for micro, batch in enumerate(batches):
+        sync = micro == len(batches) - 1 or not dist.enabled  # DDP: all-reduce grads once per step
+        with contextlib.nullcontext() if sync else net.no_sync():
+            with autocast(device):
+                scored = family.loss(net, batch, noise, mine)
+            scored.nats.sum().backward()  # each backward sums grads: normalised once below
+        totals += torch.stack([scored.nats.detach().sum().double(), scored.count.sum().double()])
+    # DDP averaged the gradients over ranks, hence world / count
+    totals = dist.all_reduce_sum(totals)
+    count = totals[1].clamp_min(1.0)
+    scale = (dist.world / count).float()
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    return float(totals[0] / count)
+
+
+def load_init_weights(model: torch.nn.Module, source: Path) -> None:
+    """Fine-tuning starts from ``source``'s newest checkpoint: its EMA weights when it kept
+    an EMA (what ``dlm eval`` and ``dlm sample`` of that run use), else its raw weights."""
+    ckpt = load_checkpoint(source, with_trainer=False)
+    load_weights(model, ckpt.ema if ckpt.ema is not None else ckpt.model, source)
 
 
 def lr_at(cfg: RunConfig, step: int, progress: float) -> float:
@@ -105,13 +133,16 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of the noise (times, masks) of one optimiser step on one rank.
+def step_seed(seed: int, step: int) -> int:
+    """The seed of the noise (times, masks) of one optimiser step.
 
-    Deriving it from (seed, rank, step) instead of carrying a generator along makes a
-    resumed run draw exactly the noise the uninterrupted run drew, on any number of ranks.
+    Deriving it from (seed, step) instead of carrying a generator along makes a resumed run
+    draw exactly the noise the uninterrupted run drew. Every rank draws the noise of the
+    whole global batch from it and keeps its own rows, so the noise (and so the run) does not
+    depend on the number of processes. (dlm-run/1 seeded with (seed, rank, step); rank 0's
+    seeds are unchanged.)
     """
-    return int(hashlib.sha1(f"{seed}/{rank}/{step}".encode()).hexdigest()[:15], 16)
+    return int(hashlib.sha1(f"{seed}/0/{step}".encode()).hexdigest()[:15], 16)
 
 
 class MetricsLog:
@@ -123,9 +154,7 @@ class MetricsLog:
         if not enabled:
             return
         path = run_dir / "metrics.jsonl"
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= keep_until]
-            path.write_text("".join(line + "\n" for line in kept))
+        trim_metrics(path, keep_until)  # a crashed run's lines past the checkpoint, and a torn last line
         self.file = open(path, "a", encoding="utf-8")
         try:  # never required
             from torch.utils.tensorboard import SummaryWriter
@@ -167,7 +196,9 @@ def train(
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     try:
-        return _train(cfg, Path(out), resume, progress and dist.is_main, data, device, dist)
+        # one writer per run folder: a second `--resume` of a run in use stops with one line
+        with run_lock(Path(out)) if dist.is_main else contextlib.nullcontext():
+            return _train(cfg, Path(out), resume, progress and dist.is_main, data, device, dist)
     finally:
         dist.shutdown()
 
@@ -175,17 +206,25 @@ def train(
 def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenData | None,
            device: torch.device, dist: Dist) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
+    init_from = Path(cfg.train.init_from) if cfg.train.init_from and not resume else None
     if data is None:
-        tokenizer = load_tokenizer(out / "tokenizer.json") if resume else None
+        tokenizer = None
+        if resume:
+            tokenizer = load_tokenizer(out / "tokenizer.json")
+        elif init_from is not None:
+            tokenizer = load_tokenizer(init_from / "tokenizer.json")
         if not dist.is_main:
             dist.barrier()  # rank 0 tokenises (and trains the BPE) once; the others read its cache
         data = prepare_data(cfg.data, tokenizer)
         if dist.is_main:
             dist.barrier()
-    require_blocks(data.train, cfg.data.seq_len, "training")
+    train_rows, train_clean = data.rows("train", cfg.data.seq_len)
     tok = data.tokenizer
     family: Family = FAMILIES.get(cfg.family)(cfg, tok.vocab_size, tok.eos_id)
-    model = family.build_model().to(device)
+    model = family.build_model()
+    if init_from is not None:  # fine-tuning: the source run's weights (its EMA when it has one), a fresh optimiser
+        load_init_weights(model, init_from)
+    model = model.to(device)
     params = model.num_params()
 
     decay, no_decay = [], []
@@ -199,12 +238,13 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
     )
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     # one global batch of batch_size × world blocks per micro-step; rank r takes rows r::world
-    loader = BlockLoader(data.train, cfg.data.seq_len, cfg.train.batch_size * dist.world, cfg.train.seed)
+    loader = BlockLoader(train_rows, cfg.train.batch_size * dist.world, cfg.train.seed, clean=train_clean)
 
     step, elapsed_before, tokens = 0, 0.0, 0
     if resume:
         if dist.is_main:
             remove_partial_checkpoints(out)  # a SIGKILLed writer's leftovers
+        check_data_identity(run_data_identity(out), data.identity, cfg.data.data)
         ckpt = load_checkpoint(out)
         load_weights(model, ckpt.model, out)
         if ema is not None and ckpt.ema is not None:
@@ -222,7 +262,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
         if step >= cfg.train.steps:
             raise DlmError(f"{out} already finished {step} steps; pass a larger --steps to train further")
     elif dist.is_main:
-        create_run_dir(out, cfg, tok)
+        create_run_dir(out, cfg, tok, data_identity=data.identity)
     net = dist.wrap(model)
 
     def trainer_state() -> dict[str, Any]:
@@ -241,8 +281,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
         dist.barrier()
 
     metrics = MetricsLog(out, step, enabled=dist.is_main)
-    accum = cfg.train.grad_accum
-    tokens_per_step = cfg.train.batch_size * accum * cfg.data.seq_len * dist.world
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len * dist.world
     budget = cfg.train.time_budget_s
     bar = tqdm(
         total=cfg.train.steps, initial=step, disable=not progress, unit="step", file=sys.stderr,
@@ -262,21 +301,13 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
                 lr = lr_at(cfg, step, prog)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                noise = generator(device, step_seed(cfg.train.seed, dist.rank, step))
-                step_loss = 0.0
-                for micro in range(accum):
-                    x0 = loader.next_batch()[dist.rank :: dist.world].to(device, non_blocking=True)
-                    sync = micro == accum - 1 or not dist.enabled  # DDP: all-reduce grads once per step
-                    with contextlib.nullcontext() if sync else net.no_sync():
-                        with autocast(device):
-                            loss = family.loss(net, x0, noise)
-                        (loss / accum).backward()  # each backward sums grads: average here
-                    step_loss += loss.item() / accum
-                step_loss = dist.all_reduce([step_loss])[0]
+                noise = generator(device, step_seed(cfg.train.seed, step))
+                batches = (loader.next_batch().to(device, non_blocking=True) for _ in range(cfg.train.grad_accum))
+                step_loss = accumulate_gradients(family, net, model, batches, noise, dist, device)
                 if not math.isfinite(step_loss):
+                    where = "the last checkpoint is intact" if step > 0 or resume else "no checkpoint was written"
                     raise DlmError(
-                        f"training diverged: loss is {step_loss} at step {step + 1}; "
-                        "the last checkpoint is intact (try a lower train.lr)"
+                        f"training diverged: loss is {step_loss} at step {step + 1}; {where} (try a lower train.lr)"
                     )
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")

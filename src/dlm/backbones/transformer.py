@@ -5,6 +5,11 @@
   number of masks already tells the network the noise level);
 * causal: the GPT baseline, with a KV cache for sampling.
 
+Bidirectional models also have a *block* cache (:class:`BlockKV`, Fast-dLLM): one full pass
+records every layer's keys and values (``kv_out=``), and later passes run only a window of
+positions [start, start + T) whose queries attend to the window's fresh keys and values and
+to the recorded ones of every other position (``kv_in=``, ``start=``).
+
 Attention goes through ``F.scaled_dot_product_attention``, which picks flash / memory-
 efficient kernels on GPUs that have them; flash-attn is never required.
 """
@@ -67,6 +72,39 @@ class KVCache:
         self.length = 0
 
 
+class BlockKV:
+    """Every layer's keys (RoPE already applied at their positions) and values of all L
+    positions of one full pass, (B, H, L, D) each: Fast-dLLM's prefix / dual cache.
+
+    ``Transformer.forward(x, …, kv_out=kv)`` fills it from a full pass of x (B, L);
+    ``Transformer.forward(x_win, …, kv_in=kv, start=s)`` then runs only the window
+    x_win (B, T) at positions [s, s + T): the window's own keys and values are computed
+    fresh, every other position's are taken from ``kv``. The cache is exact when the
+    positions outside the window have not changed *and* their keys did not depend on the
+    window (never true for a bidirectional model whose window changed since the record:
+    that is the approximation Fast-dLLM measures and accepts).
+    """
+
+    def __init__(self):
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def put(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if layer == len(self.k):
+            self.k.append(k)
+            self.v.append(v)
+        else:
+            self.k[layer], self.v[layer] = k, v
+
+    @property
+    def length(self) -> int:
+        """L: the positions recorded."""
+        return self.k[0].shape[2] if self.k else 0
+
+    def __len__(self) -> int:
+        return len(self.k)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -76,11 +114,18 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.causal = cfg.causal
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, attn_mask=None,
+                kv_in: BlockKV | None = None, kv_out: BlockKV | None = None, start: int = 0):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, D)
         is_causal = self.causal
+        if kv_out is not None:  # a full pass: record this layer's keys and values
+            kv_out.put(layer, k, v)
+        if kv_in is not None:  # a window [start, start + T): the other positions' K/V from the record
+            ck, cv = kv_in.k[layer], kv_in.v[layer]  # (B, H, L, D)
+            k = torch.cat([ck[:, :, :start], k, ck[:, :, start + T:]], dim=2)
+            v = torch.cat([cv[:, :, :start], v, cv[:, :, start + T:]], dim=2)
         if cache is not None:
             if cache.k[layer] is not None:
                 k = torch.cat([cache.k[layer], k], dim=2)
@@ -90,8 +135,10 @@ class Attention(nn.Module):
                     raise ValueError("a KV cache decodes one token at a time after the prefill")
                 is_causal = False
             cache.k[layer], cache.v[layer] = k, v
+        if attn_mask is not None:  # padding hidden: the causal rule is then part of the mask
+            is_causal = False
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -125,12 +172,12 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.ada = nn.Linear(cfg.cond_dim, 6 * cfg.d_model) if cfg.cond_dim else None
 
-    def forward(self, x, c, cos, sin, cache=None, layer=0):
+    def forward(self, x, c, cos, sin, cache=None, layer=0, attn_mask=None, **kv):
         if self.ada is None:
-            x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer))
+            x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer, attn_mask, **kv))
             return x + self.mlp(self.norm2(x))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)
-        h = self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, cache, layer)
+        h = self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, cache, layer, attn_mask, **kv)
         x = x + gate1 * self.drop(h)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -191,33 +238,76 @@ class Transformer(nn.Module):
         x: torch.Tensor,
         t: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        positions: torch.Tensor | None = None,
+        score_mask: torch.Tensor | None = None,
+        pad: torch.Tensor | None = None,
+        *,
+        kv_in: BlockKV | None = None,
+        kv_out: BlockKV | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
         """x: (B, T) token ids; t: (B,) times in [0, 1] (time-conditioned models only).
 
         Returns float32 logits (B, T, vocab_out), or (N, vocab_out) at the N positions where
-        the boolean mask ``positions`` (B, T) is true: a loss that only scores masked tokens
+        the boolean mask ``score_mask`` (B, T) is true: a loss that only scores masked tokens
         then skips the output layer (often the largest matmul) everywhere else. With a
         ``cache``, x holds the tokens after ``cache.length`` and positions continue from there.
+
+        ``pad`` (B, T) bool marks padding: no position attends to a padded key (each padded
+        query still sees itself, so no row of the attention is empty), so changing a padded
+        token changes no other position's output. Without it attention runs unmasked (and
+        on GPUs keeps the flash kernels).
+
+        Block cache (bidirectional models only): ``kv_out`` (a :class:`BlockKV`) is filled with
+        every layer's keys and values of this full pass. With ``kv_in`` (recorded from a pass
+        over L positions), x (B, T) is the window [start, start + T) of that sequence: it
+        attends to its own fresh keys and values and to ``kv_in``'s at every other position;
+        ``score_mask`` is then (B, T) over the window and ``pad`` (B, L) over the whole
+        sequence (the keys span all of it).
         """
         B, T = x.shape
-        start = cache.length if cache is not None else 0
-        cos, sin = self.rotary(start + T, x.device)
+        keys_len = T
+        if kv_in is not None or kv_out is not None:
+            if cache is not None or self.cfg.causal or (kv_in is not None and kv_out is not None):
+                raise ValueError("the block cache is for bidirectional models: record (kv_out) or read (kv_in), "
+                                 "without a KV cache")
+        if kv_in is not None:
+            keys_len = kv_in.length
+            if len(kv_in) != len(self.blocks) or not 0 <= start <= keys_len - T or kv_in.k[0].shape[0] != B:
+                raise ValueError(f"window [{start}, {start + T}) of {B} rows does not fit the recorded "
+                                 f"{keys_len} positions of {kv_in.k[0].shape[0] if len(kv_in) else 0} rows")
+        elif start:
+            raise ValueError("start= is the position of a window: it needs kv_in")
+        else:
+            start = cache.length if cache is not None else 0
+        cos, sin = self.rotary(max(start + T, keys_len), x.device)
         cos, sin = cos[start : start + T], sin[start : start + T]
         c = None
         if self.time is not None:
             if t is None:
                 raise ValueError("this backbone is time-conditioned: pass t")
             c = F.silu(self.time(t))
+        attn_mask = None
+        if pad is not None:
+            if cache is not None:
+                raise ValueError("padding is not supported with a KV cache")
+            keys = ~pad[:, None, None, :]  # (B, 1, 1, T): attend to non-padded keys …
+            if kv_in is None:
+                eye = torch.eye(T, dtype=torch.bool, device=x.device)  # … and to oneself
+            else:  # (T, L): query i of the window is key start + i
+                eye = torch.arange(keys_len, device=x.device)[None] == start + torch.arange(T, device=x.device)[:, None]
+            attn_mask = keys | eye
+            if self.cfg.causal:
+                attn_mask = attn_mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         h = self.embed(x)  # (B, T, C)
+        kv = {} if kv_in is None and kv_out is None else {"kv_in": kv_in, "kv_out": kv_out, "start": start}
         for i, block in enumerate(self.blocks):
-            h = block(h, c, cos, sin, cache, i)
+            h = block(h, c, cos, sin, cache, i, attn_mask, **kv)
         h = self.norm(h)
         if self.final_ada is not None:
             shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
             h = modulate(h, shift, scale)
         if cache is not None:
             cache.length += T
-        if positions is not None:
-            h = h[positions]  # (N, C), row-major order
+        if score_mask is not None:
+            h = h[score_mask]  # (N, C), row-major order
         return self.head(h).float()  # (B, T, V) or (N, V)

@@ -8,8 +8,11 @@ A corpus yields documents for a ``train`` and a ``val`` split. The split is dete
 * a source of few documents (a single file, the 42 works of the built-in Shakespeare)
   sends the last ``val_fraction`` of every document, cut at a line break, to validation.
 
-Nothing is read until a split is iterated, and each corpus has a cheap ``fingerprint``
-(paths, sizes and modification times; or the dataset's name) that keys the token cache.
+Nothing is read until a split is iterated, and each corpus has a ``fingerprint`` that keys
+the token cache: for local files a hash of their content (streamed, 1 MiB at a time), so
+a file edited with its size and modification time kept (``cp -p``, ``rsync -t``) is
+tokenised again; for the built-in corpus the packaged file's hash; for a hub dataset its
+name. ``data_identity`` shortens it to what a run stores to notice changed data on resume.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ HF_ALIASES: dict[str, tuple[str, str | None, str, bool]] = {
     "text8": ("afmck/text8", None, "text", True),
 }
 HUB_HOST = "huggingface.co"
+HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -43,6 +47,40 @@ class Corpus:
     name: str
     fingerprint: str
     docs: Callable[[str], Iterator[str]]  # split name ("train" | "val") → documents
+
+
+def content_hash(files: list[Path], root: Path) -> str:
+    """blake2b over the files' names (relative to ``root``) and contents, read 1 MiB at a time."""
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        one = hashlib.blake2b(digest_size=16)
+        try:
+            with open(f, "rb") as fh:
+                while chunk := fh.read(HASH_CHUNK):
+                    one.update(chunk)
+        except OSError as e:
+            raise DlmError(f"cannot read {f}: {e.strerror}") from None
+        h.update(f"{f.relative_to(root) if f != root else f.name}\0{one.hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def data_identity(fingerprint: str) -> str:
+    """A short string (16 hex digits) that changes whenever the data behind ``fingerprint``
+    (a ``Corpus.fingerprint``, or the pairs' fingerprint) does: what a run stores."""
+    return hashlib.sha1(fingerprint.encode()).hexdigest()[:16]
+
+
+def check_data_identity(saved: str | None, current: str | None, path: str) -> None:
+    """Refuse to resume a run on data other than the data it started on.
+
+    ``saved`` is what the run stored when it started, ``current`` the identity of the data
+    found now; a run that stored none (older dlm) is not checked.
+    """
+    if saved is not None and current is not None and saved != current:
+        raise DlmError(
+            f"the training data {path} changed since this run started (content hash {saved}, now {current}): "
+            "resume would train on different data; start a new run or restore the file"
+        )
 
 
 def _tail_split(doc: str, val_fraction: float) -> tuple[str, str]:
@@ -110,10 +148,6 @@ def _local_corpus(path: Path, val_fraction: float) -> Corpus:
             raise DlmError(f"data folder {path} holds no files")
     else:
         files = [path]
-    h = hashlib.sha1()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     if sum(f.stat().st_size for f in files) == 0:
         raise DlmError(f"data {path} is empty")
 
@@ -125,7 +159,7 @@ def _local_corpus(path: Path, val_fraction: float) -> Corpus:
     count = sum(1 for _ in all_docs()) if any(f.suffix == ".jsonl" for f in files) else len(files)
     if count == 0:
         raise DlmError(f"no text found in {path}")
-    return Corpus(str(path), f"local:{h.hexdigest()}", split_docs(all_docs, count, val_fraction))
+    return Corpus(str(path), f"local:{content_hash(files, path)}", split_docs(all_docs, count, val_fraction))
 
 
 def _builtin_corpus(name: str, val_fraction: float) -> Corpus:
@@ -137,7 +171,7 @@ def _builtin_corpus(name: str, val_fraction: float) -> Corpus:
                 yield json.loads(line)["text"]
 
     count = sum(1 for _ in all_docs())
-    return Corpus(name, f"builtin:{name}:v1", split_docs(all_docs, count, val_fraction))
+    return Corpus(name, f"builtin:{name}:{content_hash([path], path)}", split_docs(all_docs, count, val_fraction))
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -208,8 +242,7 @@ def _hf_corpus(spec: str, val_fraction: float) -> Corpus:
         docs = split_docs(lambda: rows("train"), len(ds["train"]) if not concat else 1, val_fraction)
     fp = f"hf:{Path(repo).resolve() if local else repo}:{config}:{column}:{concat}"
     if local:
-        st = [(p, p.stat().st_mtime_ns) for p in sorted(Path(repo).rglob("*")) if p.is_file()]
-        fp += ":" + hashlib.sha1(repr(st).encode()).hexdigest()
+        fp += ":" + content_hash(sorted(p for p in Path(repo).rglob("*") if p.is_file()), Path(repo))
     return Corpus(spec, fp, docs)
 
 

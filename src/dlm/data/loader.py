@@ -1,4 +1,5 @@
-"""Fixed-length blocks cut from the packed token stream, shuffled per epoch, resumable."""
+"""Fixed-length rows (blocks cut from the packed token stream, or prompt/response rows),
+shuffled per epoch, resumable."""
 
 from __future__ import annotations
 
@@ -7,22 +8,33 @@ from typing import Any
 import numpy as np
 import torch
 
+from dlm.batch import Batch
+
 
 def as_blocks(stream: np.ndarray, seq_len: int) -> np.ndarray:
-    """(N, seq_len) view of consecutive blocks; the incomplete tail is dropped."""
+    """(N, seq_len) view of consecutive blocks; the incomplete tail is dropped.
+
+    A stream of several shards (``ShardedStream``) gives rows read lazily on indexing.
+    """
+    from dlm.data.cache import ShardedStream  # here: dlm.data.cache imports this package
+
+    if isinstance(stream, ShardedStream):
+        return stream.blocks(seq_len)
     n = len(stream) // seq_len
     return stream[: n * seq_len].reshape(n, seq_len)
 
 
 class BlockLoader:
-    """Yields (batch_size, seq_len) int64 batches of blocks in a seeded per-epoch order.
+    """Yields :class:`Batch` es of ``batch_size`` rows of ``rows`` (N, L) in a seeded
+    per-epoch order, with their ``clean`` masks (N, L) when given (prompt/response data).
 
     Its whole state is ``(epoch, position)``: saved in checkpoints, it makes a resumed run
     see exactly the batches the uninterrupted run would have seen.
     """
 
-    def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int):
-        self.blocks = as_blocks(stream, seq_len)
+    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, clean: np.ndarray | None = None):
+        self.blocks = rows
+        self.clean = clean
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
@@ -35,7 +47,7 @@ class BlockLoader:
             self._order = torch.randperm(len(self.blocks), generator=g)
         return self._order
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self) -> Batch:
         rows: list[int] = []
         while len(rows) < self.batch_size:
             order = self._epoch_order()
@@ -44,7 +56,9 @@ class BlockLoader:
             self.position += len(take)
             if self.position >= len(order):
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        return torch.from_numpy(self.blocks[rows].astype(np.int64))  # (B, T)
+        x0 = torch.from_numpy(self.blocks[rows].astype(np.int64))  # (B, L)
+        clean = None if self.clean is None else torch.from_numpy(np.asarray(self.clean[rows], dtype=bool))
+        return Batch(x0, clean)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position}

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from dlm.errors import DlmError
+from dlm.fsio import atomic_write_text
 from dlm.registry import Registry
 
 TOKENIZERS: Registry[type["Tokenizer"]] = Registry("tokenizer")
@@ -27,6 +28,9 @@ EOT = "<|endoftext|>"
 class Tokenizer(ABC):
     kind: str
     eos_id: int
+    # True when ``build`` learns up to ``vocab_size`` tokens from the data (BPE); False when
+    # the size is fixed (byte, gpt2) or set by the data alone (char)
+    learns_vocab_size: bool = False
 
     @classmethod
     @abstractmethod
@@ -35,7 +39,8 @@ class Tokenizer(ABC):
 
     @classmethod
     @abstractmethod
-    def from_state(cls, state: dict[str, Any]) -> "Tokenizer": ...
+    def from_state(cls, state: dict[str, Any]) -> "Tokenizer":
+        """The inverse of ``state()``; raises ValueError naming what is wrong in a bad state."""
 
     @abstractmethod
     def state(self) -> dict[str, Any]:
@@ -67,18 +72,35 @@ class Tokenizer(ABC):
         return hashlib.sha1(blob).hexdigest()[:16]
 
     def save(self, path: Path) -> None:
-        from dlm.checkpoint import atomic_write_text
-
         atomic_write_text(path, json.dumps({"kind": self.kind, **self.state()}))
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer saved in ``path``; a file of the wrong shape is one line naming it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        kind = data.pop("kind")
-    except (OSError, ValueError, KeyError) as e:
-        raise DlmError(f"cannot read tokenizer {path}: {e}") from None
-    return TOKENIZERS.get(kind).from_state(data)
+    except OSError as e:
+        raise DlmError(f"cannot read tokenizer {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise DlmError(f"tokenizer {path} is corrupt: {e}") from None
+    try:
+        cls = TOKENIZERS.get(_field(data, "kind", str))
+        return cls.from_state({k: v for k, v in data.items() if k != "kind"})
+    except ValueError as e:
+        raise DlmError(f"tokenizer {path} is corrupt: {e}") from None
+    except DlmError as e:  # an unknown kind
+        raise DlmError(f"tokenizer {path}: {e}") from None
+
+
+def _field(state: Any, name: str, kind: type) -> Any:
+    """``state[name]``, which must be a ``kind``; a ValueError says what is wrong otherwise."""
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a JSON object, got a {type(state).__name__}")
+    if name not in state:
+        raise ValueError(f"it has no '{name}' field")
+    if not isinstance(state[name], kind):
+        raise ValueError(f"its '{name}' field must be a {kind.__name__}, got a {type(state[name]).__name__}")
+    return state[name]
 
 
 @TOKENIZERS.register("char")
@@ -102,7 +124,10 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_state(cls, state):
-        return cls(list(state["chars"]))
+        chars = _field(state, "chars", list)
+        if not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
+            raise ValueError("its 'chars' field must list distinct single characters")
+        return cls(chars)
 
     def state(self):
         return {"chars": self.chars}
@@ -220,6 +245,7 @@ class BPETokenizer(_ByteLevelBPE):
     """Byte-level BPE trained on the run's training split (GPT-2 pre-tokenisation)."""
 
     kind = "bpe"
+    learns_vocab_size = True
 
     @classmethod
     def build(cls, train_docs, vocab_size):
@@ -237,7 +263,14 @@ class BPETokenizer(_ByteLevelBPE):
     def from_state(cls, state):
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls(HFTokenizer.from_str(state["tokenizer"]))
+        text = _field(state, "tokenizer", str)
+        try:
+            tok = HFTokenizer.from_str(text)
+        except Exception as e:  # the Rust parser raises a bare Exception
+            raise ValueError(f"its 'tokenizer' field is not a Hugging Face tokenizer ({str(e)[:100]})") from None
+        if tok.token_to_id(EOT) is None:
+            raise ValueError(f"its tokenizer has no {EOT} token")
+        return cls(tok)
 
     def state(self):
         return {"tokenizer": self.tok.to_str()}

@@ -1,5 +1,6 @@
 """Model families, registered by the name given to ``--family``."""
 
+from dlm.config import RunConfig
 from dlm.families.autoregressive import Autoregressive
 from dlm.families.base import Family
 from dlm.families.mdlm import MDLM
@@ -11,4 +12,11 @@ FAMILIES.register("mdlm")(MDLM)
 FAMILIES.register("ar")(Autoregressive)
 FAMILIES.register("usdm")(USDM)
 
-__all__ = ["FAMILIES", "Family", "MDLM", "Autoregressive", "USDM"]
+
+def resolve_components(cfg: RunConfig) -> None:
+    """Check the family and its objective's and sampler's settings (the one place), and
+    record every setting, defaults included, in ``cfg``."""
+    FAMILIES.get(cfg.family).resolve(cfg)
+
+
+__all__ = ["FAMILIES", "Family", "MDLM", "Autoregressive", "USDM", "resolve_components"]

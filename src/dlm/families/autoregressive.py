@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import torch
 
+from dlm.errors import DlmError
 from dlm.families.base import Family
-from dlm.objectives import AR_OBJECTIVES
-from dlm.samplers import AutoregressiveSampler
+from dlm.objectives import AR_OBJECTIVES, Corrupted
+from dlm.samplers import AR_SAMPLERS
 
 
 class Autoregressive(Family):
     name = "ar"
     causal = True
     is_bound = False
+    objectives = AR_OBJECTIVES
+    samplers = AR_SAMPLERS
+    default_objective = "ce"
 
-    def __init__(self, cfg, vocab_size, eos_id):
-        super().__init__(cfg, vocab_size, eos_id)
-        if self.time_conditioned:
-            raise ValueError("the autoregressive family has no time to condition on")
-        self.objective = AR_OBJECTIVES.get(cfg.objective or "ce")()
+    @classmethod
+    def check_config(cls, cfg):
+        if cfg.time_conditioning:
+            raise DlmError("the autoregressive family has no diffusion time to condition on: "
+                           "drop time_conditioning=true (it is for mdlm and usdm)")
+
+    def network_steps(self, settings, length):
+        return length  # one token per step; ``steps`` does not apply
 
     def _shift(self, x0):
         """[BOS, x0_1 … x0_{L−1}]: the block's first token is predicted from BOS alone, so
@@ -26,11 +33,20 @@ class Autoregressive(Family):
         bos = torch.full_like(x0[:, :1], self.eos_id)
         return torch.cat([bos, x0[:, :-1]], dim=1)
 
-    def loss(self, model, x0, generator):
-        return self.objective(model(self._shift(x0)), x0).mean() / x0.shape[1]
+    def _score(self, model, batch):
+        where = batch.target  # clean context is conditioned on, not scored
+        pad = batch.attention_pad
+        if pad is not None:  # the input at position l is x0[l − 1] (BOS at 0, never padding)
+            pad = torch.cat([torch.zeros_like(pad[:, :1]), pad[:, :-1]], dim=1)
+        logits = model(self._shift(batch.x0), score_mask=where, pad=pad)  # (N, V)
+        c = Corrupted(batch.x0, batch.x0, torch.zeros(batch.x0.shape[0], device=batch.x0.device), where)
+        return self.objective(logits, c, where, None)
 
-    def nll(self, model, x0, generator, mc_samples):
-        return self.objective(model(self._shift(x0)), x0).double()
+    def loss(self, model, batch, generator, rows=slice(None)):
+        return self._score(model, batch.rows(rows))
 
-    def sample(self, model, num, length, prompt, generator, steps, options):
-        return AutoregressiveSampler(options).sample(model, self.eos_id, num, length, prompt, generator)
+    def nll(self, model, batch, generator, mc_samples):
+        return self._score(model, batch).nats.double()
+
+    def sample(self, model, given, clean, generator, settings=None):
+        return self.sampler(settings).sample(model, self.eos_id, given, clean, generator)

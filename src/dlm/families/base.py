@@ -2,18 +2,45 @@
 
 The training loop, the evaluator and the CLI only talk to this interface; they never ask
 which family is in use. Adding a family is one new file here and one registry line.
+
+The contract, for every family:
+
+* ``loss(model, batch, generator, rows)`` → :class:`~dlm.objectives.Scored` for the rows
+  ``rows`` of the global batch: per-sequence nats and token counts. Noise is drawn for the
+  whole global batch and then sliced, so one process with batch 2b and two with batch b
+  draw the same noise; the loop normalises by the count of the whole optimiser step.
+* ``nll(model, batch, generator, mc_samples)`` → (B,) nats of −log p(target | clean
+  context): exact (``is_bound`` False) or an upper bound.
+* ``sample(model, given, clean, generator, settings)`` → (tokens, network calls): clean
+  positions kept as given, the rest generated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from dlm.backbones import Transformer, TransformerConfig, resolve_size
-from dlm.config import RunConfig
-from dlm.samplers import SamplingOptions
+from dlm.batch import Batch
+from dlm.config import ComponentConfig, RunConfig, apply_dict, check_settings
+from dlm.errors import DlmError
+from dlm.objectives import Objective, Scored
+from dlm.registry import Registry
+from dlm.samplers import Sampler, SamplerSettings
+
+
+def component_settings(registry: Registry, comp: ComponentConfig, default: str, section: str) -> tuple[type, Any]:
+    """The component class named in ``comp`` (or ``default``) and its checked ``Settings``."""
+    cls = registry.get(comp.name or default)
+    settings = cls.Settings()
+    if comp.settings and not dataclasses.fields(settings):
+        raise DlmError(f"{section} '{comp.name or default}' takes no settings, got {', '.join(comp.settings)}")
+    apply_dict(settings, dict(comp.settings), section + ".")
+    check_settings(settings, section + ".")
+    return cls, settings
 
 
 class Family(ABC):
@@ -21,13 +48,39 @@ class Family(ABC):
     causal: ClassVar[bool] = False
     is_bound: ClassVar[bool] = True  # False: ``nll`` is exact; True: an upper bound (NELBO)
     default_time_conditioning: ClassVar[bool] = False
+    objectives: ClassVar[Registry]
+    samplers: ClassVar[Registry]
+    default_objective: ClassVar[str]
+    default_sampler: ClassVar[str] = "ancestral"
 
     def __init__(self, cfg: RunConfig, vocab_size: int, eos_id: int):
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.eos_id = eos_id
+        self.check_config(cfg)
         tc = cfg.time_conditioning
         self.time_conditioned = self.default_time_conditioning if tc is None else tc
+        cls, settings = component_settings(self.objectives, cfg.objective, self.default_objective, "objective")
+        self.objective: Objective = cls(settings)
+        self.sampler_cls, self.sampler_settings = component_settings(
+            self.samplers, cfg.sampler, self.default_sampler, "sampler")
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Refuse settings this family cannot honour (one line, before any work)."""
+
+    @classmethod
+    def resolve(cls, cfg: RunConfig) -> None:
+        """Check the config's objective and sampler sections against their components and
+        record every setting (defaults included) in it."""
+        cls.check_config(cfg)
+        resolve_size(cfg.model)  # an unknown size or heads that do not split d_model: before any data is read
+        for section, registry, default in (("objective", cls.objectives, cls.default_objective),
+                                           ("sampler", cls.samplers, cls.default_sampler)):
+            comp: ComponentConfig = getattr(cfg, section)
+            _, settings = component_settings(registry, comp, default, section)
+            comp.name = comp.name or default
+            comp.settings = dataclasses.asdict(settings)
 
     @property
     def input_vocab_size(self) -> int:
@@ -49,24 +102,46 @@ class Family(ABC):
             )
         )
 
-    @abstractmethod
-    def loss(self, model: Transformer, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Training loss of a batch x0 (B, L): a scalar in nats per token."""
+    def network_steps(self, settings: SamplerSettings, length: int) -> int:
+        """The denoising steps a sample of ``length`` tokens takes under ``settings``."""
+        return settings.steps
+
+    def choose_sampler(self, comp: ComponentConfig) -> SamplerSettings:
+        """Use the sampler ``comp`` names, with its checked settings, from now on; returns them."""
+        self.sampler_cls, self.sampler_settings = component_settings(self.samplers, comp, self.default_sampler, "sampler")
+        return self.sampler_settings
+
+    def sampler(self, settings: SamplerSettings | None = None) -> Sampler:
+        """The run's sampler with ``settings`` (default: the run's). Plain ``SamplerSettings``
+        (steps, temperature, top-k, top-p) take the rest from the run's sampler settings."""
+        if settings is None:
+            settings = self.sampler_settings
+        elif not isinstance(settings, self.sampler_cls.Settings):
+            merged = {**dataclasses.asdict(self.sampler_settings), **dataclasses.asdict(settings)}
+            settings = self.sampler_cls.Settings(**merged)
+        return self.sampler_cls(settings)
 
     @abstractmethod
-    def nll(self, model: Transformer, x0: torch.Tensor, generator: torch.Generator, mc_samples: int) -> torch.Tensor:
-        """−log p(x0) per sequence in nats, (B,): exact, or an upper bound averaged over
-        ``mc_samples`` Monte Carlo draws when ``is_bound``."""
+    def loss(self, model: Transformer, batch: Batch, generator: torch.Generator, rows=slice(None)) -> Scored:
+        """The objective on rows ``rows`` of the global ``batch``: per-sequence nats and counts."""
 
     @abstractmethod
-    def sample(
-        self,
-        model: Transformer,
-        num: int,
-        length: int,
-        prompt: torch.Tensor | None,
-        generator: torch.Generator,
-        steps: int,
-        options: SamplingOptions,
-    ) -> tuple[torch.Tensor, int]:
-        """(num, length) tokens, prompt prefix included, and the number of network calls."""
+    def nll(self, model: Transformer, batch: Batch, generator: torch.Generator, mc_samples: int) -> torch.Tensor:
+        """−log p(target | clean context) per sequence in nats, (B,) float64: exact, or an upper
+        bound averaged over ``mc_samples`` Monte Carlo draws when ``is_bound``."""
+
+    @abstractmethod
+    def sample(self, model: Transformer, given: torch.Tensor, clean: torch.Tensor, generator: torch.Generator,
+               settings: SamplerSettings | None = None) -> tuple[torch.Tensor, int]:
+        """(B, L) tokens with the ``clean`` positions of ``given`` kept, and the network calls."""
+
+    def generate(self, model: Transformer, num: int, length: int, prompt: torch.Tensor | None,
+                 generator: torch.Generator, settings: SamplerSettings | None = None) -> tuple[torch.Tensor, int]:
+        """``num`` samples of ``length`` tokens that all start with ``prompt`` (1-D ids, or None)."""
+        device = next(model.parameters()).device
+        given = torch.zeros((num, length), dtype=torch.long, device=device)
+        clean = torch.zeros((num, length), dtype=torch.bool, device=device)
+        if prompt is not None and len(prompt):
+            given[:, : len(prompt)] = prompt.to(device)
+            clean[:, : len(prompt)] = True
+        return self.sample(model, given, clean, generator, settings)

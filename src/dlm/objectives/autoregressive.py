@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import torch
-
 import torch.nn.functional as F
 
+from dlm.objectives.base import Corrupted, Objective, Scored, per_sequence, token_count
 
-class NextTokenCrossEntropy:
-    """−log p(x0) = Σ_l −log p_θ(x0^l | x0^{<l}); logits[:, l] predicts x0[:, l]
-    (the input is shifted right by one BOS token). Per-sequence nats (B,)."""
+
+class NextTokenCrossEntropy(Objective):
+    """−log p(target | context) = Σ_{l ∈ target} −log p_θ(x0^l | x0^{<l}); the logit at
+    position l predicts x0^l (the input is shifted right by one BOS token). Clean context
+    (a prompt) is conditioned on and not scored; padding is neither."""
 
     name = "ce"
 
-    def __call__(self, logits: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        B, L, V = logits.shape
-        return F.cross_entropy(logits.reshape(B * L, V), x0.reshape(B * L), reduction="none").view(B, L).sum(-1)
+    def __call__(self, logits, c: Corrupted, where, process=None) -> Scored:
+        ce = F.cross_entropy(logits, c.x0[where], reduction="none")  # (N,)
+        return Scored(per_sequence(ce, where), token_count(where))

@@ -1,36 +1,30 @@
 """Losses of masked diffusion.
 
-Each objective says which ``positions`` (B, L) it scores and maps the logits at those
-positions, (N, V), to per-sequence nats (B,). Only masked positions carry a loss in masked
-diffusion, so the network's output layer runs on those alone.
+Only masked positions carry a loss in masked diffusion, so every objective here asks for
+logits at the masked positions alone and the network's output layer runs only there. Each
+is normalised by the number of target tokens of the sequence (the tokens its bound covers),
+so that a loss is nats per target token, like the AR cross-entropy.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
+from dlm.objectives.base import Corrupted, Objective, Scored, per_sequence, token_count
 from dlm.processes.masked import MaskedProcess
 
 
-def per_sequence(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Sum (N,) values taken at the true entries of ``positions`` (B, L) back per row: (B,)."""
-    rows = positions.nonzero(as_tuple=True)[0]
-    out = torch.zeros(positions.shape[0], dtype=values.dtype, device=values.device)
-    return out.index_add_(0, rows, values)
-
-
-class MaskedObjective:
+class MaskedObjective(Objective):
     # True: the objective is estimated over the number k of masked tokens (the family masks
-    # exactly k positions, k uniform on {1..L}) instead of over a time t.
+    # exactly k target positions, k uniform on {1..n}) instead of over a time t.
     exact_count = False
 
-    def positions(self, x0: torch.Tensor, xt: torch.Tensor, process: MaskedProcess) -> torch.Tensor:
-        return xt == process.mask_id
+    def score_mask(self, c: Corrupted):
+        return (c.xt != c.x0) & c.target  # masked target positions (a hidden prompt is masked but not scored)
 
-    def masked_nll(self, logits, x0, positions) -> torch.Tensor:
+    def masked_nll(self, logits, c: Corrupted, where):
         """Σ over masked l of −log p_θ(x0^l | x_t), per sequence: (B,)."""
-        return per_sequence(F.cross_entropy(logits, x0[positions], reduction="none"), positions)
+        return per_sequence(F.cross_entropy(logits, c.x0[where], reduction="none"), where)
 
 
 class MDLMNelbo(MaskedObjective):
@@ -40,12 +34,14 @@ class MDLMNelbo(MaskedObjective):
 
     SUBS: the network never predicts [MASK] (its output layer has no such row) and unmasked
     positions carry over, so they cost nothing. A Monte Carlo estimate at one t per sequence.
+    With clean context the same integral bounds −log p(target | context).
     """
 
     name = "nelbo"
 
-    def __call__(self, logits, x0, xt, t, process: MaskedProcess, positions) -> torch.Tensor:
-        return process.schedule.weight(t) * self.masked_nll(logits, x0, positions)
+    def __call__(self, logits, c, where, process: MaskedProcess) -> Scored:
+        nats = process.schedule.weight(c.t) * self.masked_nll(logits, c, where)
+        return Scored(nats, token_count(c.target))
 
 
 class LLaDACrossEntropy(MaskedObjective):
@@ -55,28 +51,29 @@ class LLaDACrossEntropy(MaskedObjective):
 
     name = "llada"
 
-    def __call__(self, logits, x0, xt, t, process: MaskedProcess, positions) -> torch.Tensor:
-        mask_prob = (1.0 - process.schedule.alpha(t)).clamp_min(1e-6)
-        return self.masked_nll(logits, x0, positions) / mask_prob
+    def __call__(self, logits, c, where, process: MaskedProcess) -> Scored:
+        mask_prob = (1.0 - process.schedule.alpha(c.t)).clamp_min(1e-6)
+        return Scored(self.masked_nll(logits, c, where) / mask_prob, token_count(c.target))
 
 
 class CountNelbo(MaskedObjective):
     """The same NELBO estimated over the number of masked tokens instead of time (RADD,
-    Ou et al. 2024, arXiv 2406.03736; LLaDA eq. 6). For a model that does not see t,
-    integrating t out of the continuous-time NELBO leaves, for any schedule,
+    Ou et al. 2024, arXiv 2406.03736; LLaDA eq. 6 and, with a prompt kept clean, its
+    conditional estimator eq. 14). For a model that does not see t, integrating t out of the
+    continuous-time NELBO leaves, for any schedule and a target of n tokens,
 
-        −log p(x0) ≤ Σ_{k=1}^{L} E_{S: |S| = k} [ mean_{l ∈ S} −log p_θ(x0^l | x0 with S masked) ]
-                   = E_{k ~ U{1..L}} [ L/k · Σ_{l ∈ S} −log p_θ(x0^l | x_S) ].
+        −log p(target | context) ≤ E_{k ~ U{1..n}} [ n/k · Σ_{l ∈ S, |S| = k} −log p_θ(x0^l | x_S) ].
 
     Same expectation as ``nelbo`` (exactly, under the log-linear schedule and a model
     without time conditioning), without the 1/t weights that make a few lightly-masked
     sequences dominate a batch: the per-token loss of a sequence never exceeds its largest
-    token cross-entropy. Here ``t`` is k/L.
+    token cross-entropy. Here ``t`` is k/n.
     """
 
     name = "nelbo-count"
     exact_count = True
 
-    def __call__(self, logits, x0, xt, t, process: MaskedProcess, positions) -> torch.Tensor:
-        k = positions.sum(-1).clamp_min(1)
-        return x0.shape[1] / k * self.masked_nll(logits, x0, positions)
+    def __call__(self, logits, c, where, process: MaskedProcess) -> Scored:
+        n = token_count(c.target)
+        k = token_count(where).clamp_min(1)
+        return Scored(n / k * self.masked_nll(logits, c, where), n)

@@ -1,12 +1,8 @@
-"""Forward processes: one file each, registered by name."""
+"""Forward processes, one file each. A family names its process class directly
+(``DiffusionFamily.process_cls``): no string ever selects a process, so there is no registry."""
 
 from dlm.processes.base import Process, low_discrepancy
 from dlm.processes.masked import MaskedProcess
 from dlm.processes.uniform import UniformProcess
-from dlm.registry import Registry
 
-PROCESSES: Registry[type[Process]] = Registry("process")
-PROCESSES.register("masked")(MaskedProcess)
-PROCESSES.register("uniform")(UniformProcess)
-
-__all__ = ["PROCESSES", "Process", "MaskedProcess", "UniformProcess", "low_discrepancy"]
+__all__ = ["Process", "MaskedProcess", "UniformProcess", "low_discrepancy"]

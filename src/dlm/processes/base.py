@@ -30,8 +30,11 @@ class Process(ABC):
         return self.vocab_size
 
     @abstractmethod
-    def corrupt(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Sample x_t ~ q(x_t | x0) for x0: (B, L) and t: (B,)."""
+    def corrupt(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator,
+                fixed: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x0) for x0: (B, L) and t: (B,); positions where ``fixed``
+        (B, L) is true (clean context, padding) are left as they are in x0. The random draws
+        do not depend on ``fixed``, so a generator state gives the same noise elsewhere."""
 
     @abstractmethod
     def prior(self, shape: tuple[int, ...], generator: torch.Generator, device) -> torch.Tensor:

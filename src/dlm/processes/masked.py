@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from dlm.batch import keep_fixed
 from dlm.processes.base import Process
 
 
@@ -29,16 +30,22 @@ class MaskedProcess(Process):
     def input_vocab_size(self) -> int:
         return self.vocab_size + 1
 
-    def corrupt(self, x0, t, generator):
+    def corrupt(self, x0, t, generator, fixed=None):
         alpha_t = self.schedule.alpha(t)[:, None]  # (B, 1)
         u = torch.rand(x0.shape, generator=generator, device=x0.device)
-        return torch.where(u < 1.0 - alpha_t, torch.full_like(x0, self.mask_id), x0)
+        xt = torch.where(u < 1.0 - alpha_t, torch.full_like(x0, self.mask_id), x0)
+        return keep_fixed(x0, xt, fixed)
 
-    def corrupt_count(self, x0: torch.Tensor, k: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Mask exactly k[b] positions of row b, chosen uniformly at random: x0 (B, L), k (B,)."""
+    def corrupt_count(self, x0: torch.Tensor, k: torch.Tensor, generator: torch.Generator,
+                      fixed: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask exactly k[b] of the free (not ``fixed``) positions of row b, chosen uniformly
+        at random: x0 (B, L), k (B,) ≤ the number of free positions of each row."""
         u = torch.rand(x0.shape, generator=generator, device=x0.device)
+        if fixed is not None:
+            u = u.masked_fill(fixed, 2.0)  # fixed positions sort after every free one
         rank = u.argsort(dim=-1).argsort(dim=-1)  # a uniformly random permutation per row
-        return torch.where(rank < k[:, None], torch.full_like(x0, self.mask_id), x0)
+        xt = torch.where(rank < k[:, None], torch.full_like(x0, self.mask_id), x0)
+        return keep_fixed(x0, xt, fixed)
 
     def prior(self, shape, generator, device):
         return torch.full(shape, self.mask_id, dtype=torch.long, device=device)

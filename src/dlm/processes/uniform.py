@@ -30,16 +30,20 @@ from dlm.processes.base import Process
 
 
 class UniformProcess(Process):
-    def corrupt(self, x0, t, generator):
-        return self.corrupt_with_noise(x0, t, generator)[0]
+    def corrupt(self, x0, t, generator, fixed=None):
+        return self.corrupt_with_noise(x0, t, generator, fixed)[0]
 
-    def corrupt_with_noise(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
+    def corrupt_with_noise(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator,
+                           fixed: torch.Tensor | None = None):
         """x_t and the positions where noise struck (B, L): resampled uniformly, which may have
-        drawn x0 again (x_t ≠ x0 is the subset that actually changed)."""
+        drawn x0 again (x_t ≠ x0 is the subset that actually changed). ``fixed`` positions
+        are never struck."""
         alpha_t = self.schedule.alpha(t)[:, None]  # (B, 1)
         u = torch.rand(x0.shape, generator=generator, device=x0.device)
         noise = torch.randint(0, self.vocab_size, x0.shape, generator=generator, device=x0.device)
         noised = u < 1.0 - alpha_t
+        if fixed is not None:
+            noised = noised & ~fixed
         return torch.where(noised, noise, x0), noised
 
     def prior(self, shape, generator, device):

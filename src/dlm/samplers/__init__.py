@@ -1,24 +1,40 @@
-"""Samplers: one file per algorithm; each owns its loop, the model only predicts."""
+"""Samplers: one file per algorithm; each owns its loop and its settings, the model only predicts."""
 
 from dlm.registry import Registry
 from dlm.samplers.autoregressive import AutoregressiveSampler
-from dlm.samplers.base import SamplingOptions, filter_logits, sample_categorical
+from dlm.samplers.base import (DiffusionSamplerSettings, Sampler, SamplerSettings, SamplingOptions, filter_logits,
+                               sample_categorical)
+from dlm.samplers.fast_dllm import FastDllmSampler
+from dlm.samplers.llada import LLaDASampler
 from dlm.samplers.masked_ancestral import MaskedAncestralSampler
+from dlm.samplers.remdm import ReMDMSampler
 from dlm.samplers.uniform_ancestral import UniformAncestralSampler
 
-MASKED_SAMPLERS: Registry[type] = Registry("masked-diffusion sampler")
+MASKED_SAMPLERS: Registry[type[Sampler]] = Registry("masked-diffusion sampler")
 MASKED_SAMPLERS.register("ancestral")(MaskedAncestralSampler)
+MASKED_SAMPLERS.register("remdm")(ReMDMSampler)
+MASKED_SAMPLERS.register("llada")(LLaDASampler)
+MASKED_SAMPLERS.register("fast-dllm")(FastDllmSampler)
 
-UNIFORM_SAMPLERS: Registry[type] = Registry("uniform-state diffusion sampler")
+UNIFORM_SAMPLERS: Registry[type[Sampler]] = Registry("uniform-state diffusion sampler")
 UNIFORM_SAMPLERS.register("ancestral")(UniformAncestralSampler)
+
+AR_SAMPLERS: Registry[type[Sampler]] = Registry("autoregressive sampler")
+AR_SAMPLERS.register("ancestral")(AutoregressiveSampler)
 
 __all__ = [
     "MASKED_SAMPLERS",
     "UNIFORM_SAMPLERS",
+    "AR_SAMPLERS",
+    "Sampler",
+    "SamplerSettings",
+    "DiffusionSamplerSettings",
+    "SamplingOptions",
     "UniformAncestralSampler",
     "AutoregressiveSampler",
     "MaskedAncestralSampler",
-    "SamplingOptions",
+    "ReMDMSampler",
+    "LLaDASampler",
     "filter_logits",
     "sample_categorical",
 ]

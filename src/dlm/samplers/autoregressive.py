@@ -5,23 +5,43 @@ from __future__ import annotations
 import torch
 
 from dlm.backbones import KVCache
-from dlm.samplers.base import SamplingOptions, filter_logits, sample_categorical
+from dlm.errors import DlmError
+from dlm.samplers.base import Sampler, filter_logits, sample_categorical
 
 
-class AutoregressiveSampler:
-    name = "autoregressive"
+def prefix_lengths(clean: torch.Tensor) -> torch.Tensor:
+    """(B,) length of each row's clean prefix; a clean token after a generated one is an error:
+    a causal model conditions on a left context only, it cannot fill a hole."""
+    n = clean.sum(-1)
+    prefix = torch.arange(clean.shape[1], device=clean.device)[None] < n[:, None]
+    if not torch.equal(prefix, clean):
+        raise DlmError("the autoregressive family conditions on a left context only: it cannot keep "
+                       "tokens after the ones it generates (infilling needs a diffusion family)")
+    return n
 
-    def __init__(self, options: SamplingOptions):
-        self.options = options
+
+class AutoregressiveSampler(Sampler):
+    name = "ancestral"
 
     @torch.no_grad()
-    def sample(self, model, bos_id: int, num: int, length: int, prompt, generator):
-        """Returns (num, length) tokens (the prompt included) and the number of network calls."""
-        device = next(model.parameters()).device
-        prefix = torch.full((num, 1), bos_id, dtype=torch.long, device=device)
-        if prompt is not None and len(prompt):
-            prefix = torch.cat([prefix, prompt.to(device)[None].expand(num, -1)], dim=1)
+    def sample(self, model, bos_id: int, given, clean, generator):
+        """(B, L) tokens, each row's clean prefix kept, and the network calls of the longest
+        group. Rows are generated in groups of equal prefix length (a KV cache needs them aligned)."""
+        lengths = prefix_lengths(clean)
+        out = given.clone()
+        nfe = 0
+        for n in sorted(set(lengths.tolist())):
+            rows = (lengths == n).nonzero()[:, 0]
+            out[rows], calls = self._sample_rows(model, bos_id, given[rows, :n], given.shape[1], generator)
+            nfe = max(nfe, calls)
+        return out, nfe
+
+    def _sample_rows(self, model, bos_id: int, prompt, length: int, generator):
+        num = prompt.shape[0]
+        prefix = torch.cat([torch.full((num, 1), bos_id, dtype=torch.long, device=prompt.device), prompt], dim=1)
         out = prefix[:, 1:]
+        if out.shape[1] >= length:
+            return out[:, :length], 0
         cache = KVCache(model.cfg.n_layer)
         logits = model(prefix, cache=cache)[:, -1]  # prefill: (B, V)
         nfe = 1

@@ -1,4 +1,11 @@
-"""Pieces every sampler shares: temperature / top-k / top-p filtering and float64 Gumbel-max."""
+"""What every sampler shares: its settings, its contract, temperature / top-k / top-p
+filtering and float64 Gumbel-max.
+
+A sampler takes the given tokens as values ``given`` (B, L) and a ``clean`` mask (B, L):
+clean positions are kept exactly as given (a prompt, the sides of a hole; they may differ
+per row and sit anywhere), every other position is generated. Settings come from the run
+config's ``sampler:`` section, checked against the sampler's ``Settings`` dataclass.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +13,42 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm.errors import DlmError
+from dlm.config import check_settings, setting
 
 
 @dataclass
-class SamplingOptions:
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
+class SamplerSettings:
+    """Settings every sampler has (``sampler.steps``, ``sampler.temperature``, …)."""
+
+    steps: int = setting(128, lo=1)  # denoising steps (the autoregressive sampler takes one per token)
+    temperature: float = setting(1.0, lo=0)  # 0: greedy
+    top_k: int = setting(0, lo=0)  # 0: off
+    top_p: float = setting(1.0, lo=0, hi=1, lo_open=True)  # 1: off
 
     def check(self) -> None:
-        if self.temperature < 0:
-            raise DlmError(f"temperature must be ≥ 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise DlmError(f"top_k must be ≥ 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise DlmError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_settings(self, "sampler.")
+
+
+@dataclass
+class DiffusionSamplerSettings(SamplerSettings):
+    """Settings every diffusion sampler has, beside the common ones."""
+
+    # classifier-free guidance weight w: logits = cond + w·(cond − uncond) (LLaDA / Nie et al.'s
+    # convention: p ∝ p(x|c)^(1+w) / p(x)^w), the unconditional pass made by hiding the clean
+    # tokens (unsupervised CFG); 0: unguided, exactly
+    guidance: float = setting(0.0, lo=0)
+
+
+SamplingOptions = SamplerSettings  # the name the library used before samplers had their own settings
+
+
+class Sampler:
+    name: str
+    Settings: type = SamplerSettings
+
+    def __init__(self, settings: SamplerSettings | None = None):
+        self.settings = settings if settings is not None else self.Settings()
+        self.options = self.settings  # temperature / top-k / top-p, as filter_logits reads them
 
 
 def filter_logits(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:

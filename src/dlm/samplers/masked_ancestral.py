@@ -1,62 +1,141 @@
-"""Ancestral sampling of masked diffusion (MDLM), with the p(x0) cache.
+"""Ancestral sampling of masked diffusion (MDLM), with a per-row p(x0) cache.
 
-From x_1 = all [MASK], for steps t = 1 → 0 on a uniform grid of T steps, each masked
-position independently
+From x_1 = every generated position [MASK] (clean positions hold their given tokens), for
+steps t = 1 → 0 on a uniform grid of T steps, each masked position independently
 
   * unmasks with probability (α_s − α_t)/(1 − α_t), taking a token drawn from
     p_θ(x0 | x_t) (after temperature / top-k / top-p), or
   * stays masked.
 
-Unmasked positions (and the prompt prefix) never change. At the last step s = 0, α_s = 1,
-so every remaining mask unmasks: the output holds no [MASK].
+Unmasked and clean positions never change. At the last step s = 0, α_s = 1, so every
+remaining mask unmasks: the output holds no [MASK].
 
-The cache (MDLM's ``ddpm_cache``): a model without time conditioning gives the same
-p_θ(x0 | x_t) for the same x_t, so when a step unmasks nothing the network is not called
-again. With many steps most steps change nothing, and the number of network calls (NFE)
-is bounded by the sequence length.
+**The per-row cache** (``cache``, on by default). A step reads p_θ(x0 | x_t) only at the
+positions that unmask at that step, and a row's x_t changes only at the steps where it
+unmasks something. So the sampler draws each step's uniforms first and runs the network
+only on the rows that unmask something now, only at those positions: a row is computed
+exactly when its tokens changed since its logits were last computed *and* they are needed,
+and nothing has to be stored between steps (every computed logit is used at once). This is
+MDLM's ``ddpm_cache`` made per row: with 16 rows a single row that unmasks no longer makes
+the other 15 call the network again. The random draws (one float64 uniform per position per
+step, then one Gumbel draw per unmasking position, row-major over the batch) are the same
+with or without the cache, so the tokens are too (up to the last bit of the logits: a row
+computed alone or with fewer positions can differ from the full-batch call in float32
+rounding; tests compare in float64). It is exact for time-conditioned models as well: the
+rows computed at a step get that step's t, like the uncached call.
+
+``cache: false`` runs the whole batch at every step that has masks left (the reference).
+
+**NFE.** ``sample`` returns the network evaluations in *full-batch equivalents*:
+⌈rows computed / batch size⌉ (at batch 1: the number of calls). ``self.stats`` keeps
+``calls`` (network invocations, any number of rows), ``rows`` (row evaluations) and
+``batch``.
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 import torch
 
+from dlm.config import setting
 from dlm.processes.masked import MaskedProcess
-from dlm.samplers.base import SamplingOptions, filter_logits, sample_categorical
+from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical
 
 
-class MaskedAncestralSampler:
+class NetworkCalls:
+    """Counts a sample's network calls and row evaluations; ``nfe`` in full-batch equivalents."""
+
+    def __init__(self, batch: int):
+        self.batch, self.calls, self.rows = batch, 0, 0
+
+    @property
+    def nfe(self) -> int:
+        return -(-self.rows // self.batch) if self.batch else 0
+
+    def as_dict(self) -> dict:
+        return {"calls": self.calls, "rows": self.rows, "batch": self.batch, "nfe": self.nfe}
+
+
+def _row_view(model, idx: torch.Tensor):
+    """``model`` for the rows ``idx`` of the batch: a guided model (``samplers.guidance.Guided``)
+    holds per-row clean masks and hidden tokens, which are sliced to those rows."""
+    from dlm.samplers.guidance import Guided
+
+    if isinstance(model, Guided):
+        view = copy.copy(model)
+        view.clean, view.hidden = model.clean[idx], model.hidden[idx]
+        return view
+    return model
+
+
+def evaluate_rows(model, x, where, t, pad, counter: NetworkCalls, rows: torch.Tensor | None = None):
+    """Float32 logits (N, V) at the N true positions of ``where`` (B, L), row-major, from one
+    network call on the rows ``rows`` (B,) bool only (default: the rows where ``where`` has a
+    true position; ``where`` must be false outside them). ``t``: None, or (B,) times."""
+    num = x.shape[0]
+    if rows is None:
+        rows = where.any(-1)
+    n = int(rows.sum())
+    counter.calls += 1
+    counter.rows += n
+    if n == num:
+        return model(x, t, score_mask=where, pad=pad)
+    idx = rows.nonzero()[:, 0]
+    return _row_view(model, idx)(x[idx], None if t is None else t[idx], score_mask=where[idx],
+                                 pad=None if pad is None else pad[idx])
+
+
+def time_of_alpha(schedule, alpha: torch.Tensor, iters: int = 64) -> torch.Tensor:
+    """The t ∈ [0, 1] with schedule.alpha(t) = ``alpha`` (float64, elementwise), by bisection
+    (every schedule is decreasing from α(0) = 1 to α(1) = 0)."""
+    alpha = alpha.double()
+    lo, hi = torch.zeros_like(alpha), torch.ones_like(alpha)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        above = schedule.alpha(mid) > alpha  # still too clean: t is later
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+@dataclass
+class MaskedAncestralSettings(DiffusionSamplerSettings):
+    cache: bool = setting(True)  # run the network only on the rows that unmask at a step (per-row p(x0) cache)
+
+
+class MaskedAncestralSampler(Sampler):
     name = "ancestral"
-
-    def __init__(self, steps: int, options: SamplingOptions, use_cache: bool = True):
-        if steps < 1:
-            raise ValueError(f"`steps` must be > 0, got {steps}")
-        self.steps, self.options, self.use_cache = steps, options, use_cache
+    Settings = MaskedAncestralSettings
 
     @torch.no_grad()
-    def sample(self, model, process: MaskedProcess, num: int, length: int, prompt, generator, time_conditioned: bool):
-        device = next(model.parameters()).device
-        x = process.prior((num, length), generator, device)  # (B, L) all mask
-        n_prompt = 0 if prompt is None else len(prompt)
-        if n_prompt:
-            x[:, :n_prompt] = prompt.to(device)
-        times = torch.linspace(1.0, 0.0, self.steps + 1, device=device, dtype=torch.float64)
-        cache_ok = self.use_cache and not time_conditioned
-        logits, nfe = None, 0  # logits: (N, V) at the N masked positions of x
-        for i in range(self.steps):
+    def sample(self, model, process: MaskedProcess, given, clean, generator, time_conditioned: bool, pad=None):
+        """(B, L) tokens and the network evaluations (full-batch equivalents); ``clean``
+        positions are kept as in ``given``."""
+        steps = self.settings.steps
+        num = given.shape[0]
+        device = given.device
+        fixed = clean if pad is None else clean | pad
+        x = torch.where(fixed, given, process.prior(given.shape, generator, device))  # (B, L)
+        times = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
+        counter = NetworkCalls(num)
+        for i in range(steps):
             t, s = times[i], times[i + 1]
             masked = x == process.mask_id
             if not masked.any():
                 break
-            if logits is None or not cache_ok:
-                t_batch = torch.full((num,), float(t), device=device) if time_conditioned else None
-                logits = model(x, t_batch, positions=masked)
-                nfe += 1
-            p_unmask = 1.0 if i == self.steps - 1 else float(process.unmask_probability(t, s))
+            t_batch = torch.full((num,), float(t), device=device) if time_conditioned else None
+            if not self.settings.cache:  # the whole batch, at every masked position
+                logits = evaluate_rows(model, x, masked, t_batch, pad, counter, rows=torch.ones_like(masked[:, 0]))
+            p_unmask = 1.0 if i == steps - 1 else float(process.unmask_probability(t, s))
             u = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
             unmask = masked & (u < p_unmask)
             if unmask.any():
-                rows = logits[unmask[masked]]  # (n, V): the masked positions that unmask now
+                if self.settings.cache:  # only the rows that unmask now, only where they unmask
+                    rows = evaluate_rows(model, x, unmask, t_batch, pad, counter)
+                else:
+                    rows = logits[unmask[masked]]  # (n, V): the masked positions that unmask now
                 x = x.clone()
                 x[unmask] = sample_categorical(filter_logits(rows, self.options), generator)
-                logits = None  # x changed: p(x0 | x_t) must be computed again
-        return x, nfe
+        self.stats = counter.as_dict()
+        return x, counter.nfe

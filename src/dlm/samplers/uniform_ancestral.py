@@ -1,7 +1,7 @@
 """Ancestral sampling of uniform-state diffusion.
 
-From x_1 ~ uniform noise, for steps t = 1 → 0 on a uniform grid of T steps, every position
-(the prompt prefix excepted) draws
+From x_1 ~ uniform noise, for steps t = 1 → 0 on a uniform grid of T steps, every
+generated position (clean ones are kept as given) draws
 
     x_s ~ q(x_s | x_t, x_θ),  x_θ = p_θ(x0 | x_t) after temperature / top-k / top-p,
 
@@ -15,23 +15,45 @@ Each step draws from the posterior as the mixture it is (keep x_t / draw from x_
 uniformly), so the V-wide float64 Gumbel draw runs only where a position takes a new token
 from x_θ; the greedy step's float64 posterior is computed ``chunk`` rows at a time so a 50k
 vocabulary never needs a (B·L, V) float64 buffer for the whole batch.
+
+**Per-row cache** (``cache``). For a model without time conditioning, p_θ(x0 | x_t) of a row
+depends only on the row's tokens: a row that did not change at a step keeps its logits and
+the network runs only on the rows that changed. The draws do not depend on the cache, so the
+tokens are those of the uncached sampler (up to float32 rounding of a row computed in a
+smaller batch). With time conditioning the logits depend on t, which changes every step:
+nothing is reused, every row is computed at every step. ``nfe`` is in full-batch
+equivalents, ⌈rows computed / batch size⌉; ``self.stats`` has the calls.
+
+**Greedy tail** (``greedy_tail``, Duo's "greedy-tail sampler", Sahoo et al. 2025 §4.2; the
+Duo code's ``sampling.noise_removal=greedy``): after the T steps — all of them draws, the last
+one drawing x_0 from q(x_0 | x_t, x_θ) — one more network call at t = 0 and every generated
+position takes argmax x_θ(x_0) (the network's own argmax, not the posterior's: temperature,
+top-k and top-p do not move an argmax). It replaces ``greedy_last`` and costs one more NFE.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from dlm.config import setting
 from dlm.processes.uniform import UniformProcess
-from dlm.samplers.base import SamplingOptions, filter_logits, sample_categorical
+from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical
+from dlm.samplers.masked_ancestral import NetworkCalls, evaluate_rows
 
 
-class UniformAncestralSampler:
+@dataclass
+class UniformAncestralSettings(DiffusionSamplerSettings):
+    greedy_last: bool = setting(True)  # the last step takes the argmax of q(x_0 | x_t, x_θ)
+    greedy_tail: bool = setting(False)  # Duo: every step draws, then one more call takes argmax x_θ (over greedy_last)
+    cache: bool = setting(True)  # reuse a row's logits while it does not change (models without time conditioning)
+
+
+class UniformAncestralSampler(Sampler):
     name = "ancestral"
-
-    def __init__(self, steps: int, options: SamplingOptions, greedy_last: bool = True, chunk: int = 4096):
-        if steps < 1:
-            raise ValueError(f"`steps` must be > 0, got {steps}")
-        self.steps, self.options, self.greedy_last, self.chunk = steps, options, greedy_last, chunk
+    Settings = UniformAncestralSettings
+    chunk = 4096  # rows of float64 (row, V) buffers at a time
 
     def _greedy(self, logits, xt, alpha_t, alpha_s, process):
         """argmax of the posterior (N,), ``chunk`` rows at a time (float64)."""
@@ -85,24 +107,47 @@ class UniformAncestralSampler:
         return out
 
     @torch.no_grad()
-    def sample(self, model, process: UniformProcess, num: int, length: int, prompt, generator, time_conditioned: bool):
-        device = next(model.parameters()).device
-        x = process.prior((num, length), generator, device)
-        n_prompt = 0 if prompt is None else len(prompt)
-        if n_prompt:
-            x[:, :n_prompt] = prompt.to(device)
-        free = torch.ones_like(x, dtype=torch.bool)
-        free[:, :n_prompt] = False
-        times = torch.linspace(1.0, 0.0, self.steps + 1, device=device, dtype=torch.float64)
+    def sample(self, model, process: UniformProcess, given, clean, generator, time_conditioned: bool, pad=None):
+        """(B, L) tokens and the network evaluations (full-batch equivalents); ``clean``
+        positions are kept as in ``given``."""
+        st = self.settings
+        steps = st.steps
+        num, device = given.shape[0], given.device
+        fixed = clean if pad is None else clean | pad
+        x = torch.where(fixed, given, process.prior(given.shape, generator, device))
+        free = ~fixed
+        if not free.any():
+            self.stats = NetworkCalls(num).as_dict()
+            return x, 0
+        times = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
         alphas = process.schedule.alpha(times)
-        for i in range(self.steps):
-            t_batch = torch.full((num,), float(times[i]), device=device) if time_conditioned else None
-            logits = model(x, t_batch, positions=free)  # (N, V) at the generated positions
-            last = i == self.steps - 1
-            if last and self.greedy_last:
-                new = self._greedy(logits, x[free], alphas[i], alphas[i + 1], process)
+        reuse = st.cache and not time_conditioned
+        row_of = free.nonzero()[:, 0]  # (N,): the row of each generated position, row-major
+        counter = NetworkCalls(num)
+        logits, stale = None, torch.ones(num, dtype=torch.bool, device=device)
+
+        def predict(t):
+            nonlocal logits
+            t_batch = torch.full((num,), float(t), device=device) if time_conditioned else None
+            if logits is None or not reuse:
+                logits = evaluate_rows(model, x, free, t_batch, pad, counter, rows=free.any(-1))
+            elif stale.any():  # only the rows that changed since their logits were computed
+                rows = stale & free.any(-1)
+                logits[rows[row_of]] = evaluate_rows(model, x, free & rows[:, None], t_batch, pad, counter, rows=rows)
+            return logits
+
+        for i in range(steps):
+            predict(times[i])  # (N, V) at the generated positions
+            xt = x[free]
+            if i == steps - 1 and st.greedy_last and not st.greedy_tail:
+                new = self._greedy(logits, xt, alphas[i], alphas[i + 1], process)
             else:
-                new = self._draw(logits, x[free], alphas[i], alphas[i + 1], process, generator)
+                new = self._draw(logits, xt, alphas[i], alphas[i + 1], process, generator)
+            stale = torch.zeros(num, dtype=torch.long, device=device).index_add_(0, row_of, (new != xt).long()) > 0
             x = x.clone()
             x[free] = new
-        return x, self.steps
+        if st.greedy_tail:
+            x = x.clone()
+            x[free] = predict(times[-1]).argmax(-1)
+        self.stats = counter.as_dict()
+        return x, counter.nfe

@@ -1,0 +1,97 @@
+"""What every diffusion family shares: the training step over a global batch, the Monte
+Carlo bound loop of ``dlm eval``, the time constants and the sampling entry. A diffusion
+family states only its process, its objectives and samplers, the bound it reports, and
+how it corrupts a batch (``corrupt``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from dlm.batch import Batch
+from dlm.families.base import Family
+from dlm.objectives import Corrupted, Objective, Scored
+from dlm.processes import low_discrepancy
+from dlm.samplers.guidance import Guided, hidden_tokens, hide_clean
+from dlm.schedules import get_schedule
+
+TRAIN_T_MIN = 1e-3  # MDLM's sampling_eps: keeps the 1/t weight of the log-linear schedule bounded
+EVAL_T_MIN = 1e-5  # a bound estimated over t ∈ [EVAL_T_MIN, 1] omits ∫_0^{EVAL_T_MIN} (see each family)
+
+
+class DiffusionFamily(Family):
+    process_cls: ClassVar[type]
+    # a bound's (rows · L · V) logits evaluated at once in ``nll``; None: the whole batch
+    eval_chunk: ClassVar[int | None] = None
+
+    def __init__(self, cfg, vocab_size, eos_id):
+        super().__init__(cfg, vocab_size, eos_id)
+        self.process = self.process_cls(vocab_size, get_schedule(cfg.schedule))
+        self.bound: Objective = self.make_bound()
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        get_schedule(cfg.schedule)  # an unknown schedule fails before any data is read
+
+    def make_bound(self) -> Objective:
+        """The objective whose per-sequence nats ``dlm eval`` reports (an upper bound)."""
+        raise NotImplementedError
+
+    @property
+    def input_vocab_size(self) -> int:
+        return self.process.input_vocab_size
+
+    def corrupt(self, objective: Objective, batch: Batch, frac: torch.Tensor, generator, t_min: float) -> Corrupted:
+        """x_t at times t = t_min + (1 − t_min)·frac for uniform draws ``frac`` (B,), target positions only."""
+        t = t_min + (1.0 - t_min) * frac
+        return Corrupted(batch.x0, self.process.corrupt(batch.x0, t, generator, batch.fixed), t, batch.target)
+
+    def _score(self, objective: Objective, model, c: Corrupted, pad) -> Scored:
+        where = objective.score_mask(c)  # (B, L)
+        logits = model(c.xt, c.t if self.time_conditioned else None, score_mask=where, pad=pad)  # (N, V)
+        return objective(logits, c, where, self.process)
+
+    def loss(self, model, batch, generator, rows=slice(None)):
+        frac = low_discrepancy(batch.x0.shape[0], generator, batch.x0.device)
+        c = self.corrupt(self.objective, batch, frac, generator, TRAIN_T_MIN)
+        c = self.objective.draw(c, generator, self.process)
+        rate = self.cfg.train.prompt_dropout
+        if rate > 0 and batch.clean is not None:
+            c = self.drop_prompts(c, batch, rate, generator)
+        return self._score(self.objective, model, c.rows(rows), batch.rows(rows).attention_pad)
+
+    def drop_prompts(self, c: Corrupted, batch: Batch, rate: float, generator) -> Corrupted:
+        """Prompt dropout (unsupervised CFG's training, arXiv 2410.18514): each row of the
+        global batch, with probability ``rate``, has its clean tokens hidden the way the
+        unconditional pass of guidance hides them (``samplers.guidance.hide_clean``); they stay
+        unscored. Drawn after the corruption, over the whole global batch, so the noise of
+        every other position is that of ``rate`` = 0 and the ranks stay aligned. Objectives
+        score inside ``target`` only, so a hidden prompt token is never scored."""
+        x0 = batch.x0
+        drop = torch.rand(x0.shape[0], generator=generator, device=x0.device) < rate  # (B,)
+        hidden = hidden_tokens(self.process, x0.shape, generator, x0.device)
+        hide = batch.clean & drop[:, None]
+        return dataclasses.replace(c, xt=hide_clean(c.xt, hide, hidden))
+
+    def nll(self, model, batch, generator, mc_samples):
+        B, L = batch.x0.shape
+        # per sequence, K antithetic draws (u_b + k/K) mod 1
+        u = torch.rand(B, generator=generator, device=batch.x0.device)
+        total = torch.zeros(B, device=batch.x0.device, dtype=torch.float64)
+        chunk = B if self.eval_chunk is None else max(1, self.eval_chunk // (L * self.vocab_size))
+        for j in range(mc_samples):
+            c = self.corrupt(self.bound, batch, (u + j / mc_samples) % 1.0, generator, EVAL_T_MIN)
+            for r in range(0, B, chunk):  # a large vocabulary's (rows, L, V) terms need not fit at once
+                sl = slice(r, r + chunk)
+                total[sl] += self._score(self.bound, model, c.rows(sl), batch.rows(sl).attention_pad).nats.double()
+        scale = 1.0 if getattr(self.bound, "exact_count", False) else 1.0 - EVAL_T_MIN  # ∫_{t_min}^1 = (1 − t_min)·E_t
+        return scale * total / mc_samples
+
+    def sample(self, model, given, clean, generator, settings=None):
+        sampler = self.sampler(settings)
+        weight = getattr(sampler.settings, "guidance", 0.0)
+        if weight > 0:  # every sampler gets classifier-free guidance by calling the wrapped model
+            model = Guided(model, self.process, given, clean, weight, generator)
+        return sampler.sample(model, self.process, given, clean, generator, self.time_conditioned)

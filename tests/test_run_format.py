@@ -1,0 +1,50 @@
+"""Run folders written by dlm-run/1 (before the objective and sampler had their own config
+sections) still load for eval, sample and --resume. The folders in tests/data/runs-v1 were
+written by the previous release (commit b71ae9d) with:
+
+    dlm train --family {mdlm,usdm,ar} --objective {nelbo,sddlm-v1,ce} --data text.txt --tokenizer char
+              --seq-len 16 --batch-size 4 --steps 3 --out run-F model.n_layer=1 model.n_head=2
+              model.d_model=32 model.cond_dim=16 train.keep_checkpoints=1 sddlm.reg_weight=0.2 sample.steps=8
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dlm.checkpoint import read_run_config
+from helpers import run
+
+OLD = Path(__file__).parent / "data" / "runs-v1"
+
+
+@pytest.fixture
+def old_runs(tmp_path, monkeypatch):
+    shutil.copytree(OLD, tmp_path / "old")
+    monkeypatch.chdir(tmp_path / "old")  # the runs name their data as text.txt, relative
+    return tmp_path / "old"
+
+
+def test_an_old_config_is_read_into_the_new_layout(old_runs):
+    assert json.loads((old_runs / "run-usdm" / "dlm-run.json").read_text())["format"] == "dlm-run/1"
+    cfg = read_run_config(old_runs / "run-usdm")
+    assert cfg.objective.name == "sddlm-v1"
+    assert cfg.objective.settings == {"where": "changed", "reg_weight": 0.2, "reg_eps": 1e-4, "negatives": 1}
+    assert cfg.sampler.name == "ancestral" and cfg.sampler.settings["steps"] == 8
+    mdlm = read_run_config(old_runs / "run-mdlm")
+    assert mdlm.objective.name == "nelbo" and mdlm.objective.settings == {}  # the old sddlm defaults dropped
+
+
+@pytest.mark.parametrize("family", ["mdlm", "usdm", "ar"])
+def test_old_runs_evaluate_sample_and_resume(old_runs, family, capsys):
+    out = old_runs / f"run-{family}"
+    code, stdout, err = run(["eval", str(out), "--json", "--mc-samples", "1"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["step"] == 3
+    code, stdout, err = run(["sample", str(out), "--num", "2", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["steps"] == (8 if family != "ar" else 16)  # the old sample.steps
+    code, _, err = run(["train", "--out", str(out), "--resume", "--steps", "5", "--quiet"], capsys)
+    assert code == 0, err
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000005"
