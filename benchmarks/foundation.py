@@ -49,6 +49,23 @@ def dlm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dlm", *args], check=True, capture_output=True, text=True)
 
 
+def dlm_out(*args: str, threads: int | None = None) -> str:
+    """stdout of ``python -m dlm ARGS``; stops the benchmark with dlm's stderr if it fails."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run([sys.executable, "-m", "dlm", *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"dlm {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def finished(run: Path, steps: int) -> bool:
+    """The run in ``run`` has its checkpoint of step ``steps`` (a benchmark resumes past it)."""
+    latest = run / "checkpoints" / "latest"
+    return latest.is_file() and latest.read_text().strip() == f"step_{steps:08d}"
+
+
 def throughput(tmp: Path, family: str, size: str, steps: int = 40) -> float:
     """Training tokens/s (forward + backward + AdamW + EMA) after the first 10 steps."""
     out = tmp / f"tp-{family}-{size}"

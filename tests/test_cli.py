@@ -309,3 +309,16 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(trained, tmp_p
     assert main(["train", "--out", str(run_dir), "--resume", "--steps", "3", "--quiet"]) == 0
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["latest", "step_00000002", "step_00000003"]  # the killed writer's folder is gone
+
+
+def test_a_diverging_run_stops_with_one_line_and_can_start_again(corpus, tmp_path, capsys):
+    """A learning rate that blows the loss up: one line naming the steps, no checkpoint of a
+    diverged model, and the same folder takes a fresh start (nothing was saved to resume)."""
+    out = tmp_path / "run"
+    argv = ["train", "--family", "ar", "--data", str(corpus), "--out", str(out), "--steps", "6", *TINY,
+            "train.grad_clip=0", "train.warmup_steps=0", "train.log_every=3"]
+    one_line_error(*run([*argv, "train.lr=1e30"], capsys)[::2], "training diverged", "between steps 1 and 3",
+                   "no checkpoint was written")
+    assert not (out / "checkpoints").exists()
+    code, _, err = run([*argv, "train.lr=1e-3"], capsys)
+    assert code == 0, err

@@ -213,3 +213,70 @@ def test_per_row_normalisation_would_differ(gen):
     assert s.count.tolist() == [15.0, 2.0, 13.0, 1.0]
     per_row = (s.nats / s.count).mean()
     assert not torch.isclose(s.mean(), per_row)
+
+
+@pytest.mark.parametrize("name,objective", ALL_OBJECTIVES)
+def test_the_chunked_output_layer_equals_the_plain_loss_in_value_and_gradient(name, objective, gen):
+    """train.loss_chunk_rows: the output layer and loss a few sequences at a time (under
+    activation checkpointing) give the plain loss and gradient, for every objective."""
+    x0 = torch.randint(0, V - 1, (5, 20), generator=gen)
+    clean, pad = masks(gen, B=5)
+    results = []
+    for rows in (0, 2):
+        fam, model = family(name, objective)
+        fam.cfg.train.loss_chunk_rows = rows
+        model.train()
+        scored = fam.loss(model, Batch(x0, clean, pad), torch.Generator().manual_seed(4))
+        scored.mean().backward()
+        results.append((scored, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (plain, g_plain), (chunked, g_chunked) = results
+    torch.testing.assert_close(chunked.nats, plain.nats, rtol=1e-5, atol=1e-6)
+    assert torch.equal(chunked.count, plain.count)
+    assert set(g_plain) == set(g_chunked) and g_plain
+    for k in g_plain:
+        torch.testing.assert_close(g_chunked[k], g_plain[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_model_flops_per_token_and_mfu():
+    """6·N (N without the embedding table) + 12·n_layer·d_model·L; MFU only with a known peak."""
+    from dlm.flops import flops_per_token, mfu, peak_tflops
+
+    _, model = family("ar")
+    n = sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()
+    assert flops_per_token(model, 64) == 6 * n + 12 * model.cfg.n_layer * model.cfg.d_model * 64
+    assert peak_tflops(torch.device("cpu")) is None and mfu(1e6, 1e9, None) is None
+    assert peak_tflops(torch.device("cpu"), 100.0) == 100.0
+    assert mfu(1e3, 1e9, 100.0) == pytest.approx(0.01)  # 1e12 FLOP/s of a 100 TFLOP/s peak
+
+
+def test_training_logs_mfu_when_the_peak_is_given(tmp_path, capsys):
+    from helpers import TINY, run
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("".join(f"To be, or not to be, that is the question {i}.\n" for i in range(300)))
+    out = tmp_path / "run"
+    code, _, err = run(["train", "--data", str(corpus), "--out", str(out), "--steps", "2", *TINY,
+                        "train.log_every=1", "train.peak_tflops=1"], capsys)
+    assert code == 0, err
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["mfu"] < 1 for r in rows) and all("tokens_per_s" in r for r in rows)
+
+
+@pytest.mark.parametrize("name", ["mdlm", "usdm", "ar"])
+def test_activation_checkpointing_gives_the_same_gradients(name, gen):
+    x0 = torch.randint(0, V - 1, (4, 16), generator=gen)
+    grads = []
+    for on in (False, True):
+        fam, model = family(name)
+        model.cfg.activation_checkpointing = on
+        model.train()
+        calls, forward = [], model.blocks[0].forward
+        model.blocks[0].forward = lambda *a, **k: calls.append(1) or forward(*a, **k)  # (hooks are muted in a recompute)
+        fam.loss(model, Batch(x0), torch.Generator().manual_seed(2)).mean().backward()
+        assert len(calls) == (2 if on else 1)  # recomputed in the backward when on
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)

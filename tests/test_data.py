@@ -144,3 +144,28 @@ def test_hf_dataset_offline_fails_fast_and_clearly(tmp_path, monkeypatch):
     with pytest.raises(DlmError, match="not in the local Hugging Face cache"):
         load_corpus("wikitext-103")
     assert time.monotonic() - start < 20
+
+
+def test_hf_dataset_with_prompt_response_columns_is_pairs(tmp_path):
+    """A Hugging Face dataset (here a local folder) with prompt/response or messages columns
+    gives prompt/response rows with a clean prompt, its own validation split kept."""
+    pytest.importorskip("datasets")
+    d = tmp_path / "pairs"
+    d.mkdir()
+    (d / "train.jsonl").write_text("".join(json.dumps({"prompt": f"Q{i}: ", "response": f"answer {i}"}) + "\n"
+                                           for i in range(20)))
+    (d / "validation.jsonl").write_text("".join(json.dumps({"prompt": "Q: ", "response": f"held {i}"}) + "\n"
+                                                for i in range(3)))
+    data = prepare_data(DataConfig(data=f"hf:{d}", tokenizer="byte", seq_len=24))
+    rows, clean = data.rows("val", 24)
+    assert rows.shape == (3, 24) and clean[:, :3].all() and not clean[:, 3:].any()
+    assert bytes(rows[0, 3:3 + len("held 0")].astype(np.uint8)).decode() == "held 0"
+    assert (rows[0, 3 + len("held 0"):] == data.tokenizer.eos_id).all()  # filled with end-of-text
+    m = tmp_path / "chat"
+    m.mkdir()
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (m / "train.jsonl").write_text("".join(json.dumps({"messages": msgs}) + "\n" for _ in range(10)))
+    data = prepare_data(DataConfig(data=f"hf:{m}", tokenizer="byte", seq_len=32))
+    rows, clean = data.rows("train", 32)
+    prompt = "User: hi\nAssistant: "
+    assert bytes(rows[0, :len(prompt)].astype(np.uint8)).decode() == prompt and clean[0].sum() == len(prompt)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
-from foundation import machine  # noqa: E402
+from foundation import dlm_out as dlm, finished, machine  # noqa: E402
 
 VARIANTS = {  # key: (label, family, objective, extra config overrides)
     "mdlm": ("mdlm (reference)", "mdlm", "nelbo-count", []),
@@ -39,18 +39,6 @@ VARIANTS = {  # key: (label, family, objective, extra config overrides)
     "sddlm-noised": ("usdm sddlm, where=noised", "usdm", "sddlm", ["objective.where=noised"]),
 }
 DEFAULT = ["mdlm", "naive", "nelbo", "sddlm", "sddlm-v1", "sddlm-v2"]
-
-
-def dlm(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "dlm", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"dlm {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    return proc.stdout
-
-
-def finished(run: Path, steps: int) -> bool:
-    latest = run / "checkpoints" / "latest"
-    return latest.is_file() and latest.read_text().strip() == f"step_{steps:08d}"
 
 
 def train(run: Path, family: str, objective: str, extra: list[str], steps: int, seed: int) -> dict:

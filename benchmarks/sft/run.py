@@ -31,25 +31,10 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
-from foundation import machine  # noqa: E402
+from foundation import dlm_out as dlm, finished, machine  # noqa: E402
 
 FAMILIES = {"mdlm": "nelbo-count", "ar": "ce"}  # the quickstart's objective for MDLM; AR has one
 TASK = "shakespeare-next-speaker"
-
-
-def dlm(*args: str, threads: int | None = None) -> str:
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.run([sys.executable, "-m", "dlm", *args], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"dlm {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    return proc.stdout
-
-
-def finished(run: Path, steps: int) -> bool:
-    latest = run / "checkpoints" / "latest"
-    return latest.is_file() and latest.read_text().strip() == f"step_{steps:08d}"
 
 
 def metrics(run: Path) -> list[dict]:

@@ -8,6 +8,9 @@ A run folder::
     RUN/metrics.jsonl         one JSON object per logged step
     RUN/checkpoints/step_00000500/{model,ema}.safetensors, trainer.pt, meta.json
     RUN/checkpoints/latest    name of the newest complete checkpoint
+    RUN/checkpoints/step_…/dcp/  (runs on several processes) the optimiser state, sharded,
+                              written with torch.distributed.checkpoint; trainer.pt then
+                              holds the rest of the trainer state and no "optimizer"
 
 A checkpoint is written into a temporary folder, flushed, renamed into place, and only then
 named in ``latest`` (itself replaced atomically). A crash at any moment leaves the previous
@@ -182,6 +185,66 @@ def _write_checkpoint(final: Path, step: int, model: torch.nn.Module, ema: dict[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+SHARDS = "dcp"  # inside a checkpoint of several processes: the optimiser state, sharded (torch.distributed.checkpoint)
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path | None:
+    """The temporary folder for checkpoint ``step`` of a run on several processes (rank 0
+    makes it; every rank writes its shards into ``SHARDS`` inside); None if that checkpoint
+    is complete already. :func:`commit_checkpoint` finishes it."""
+    ckpts = Path(run_dir) / "checkpoints"
+    final = ckpts / f"step_{step:08d}"
+    ensure_dir(ckpts)
+    if final.exists():
+        return None
+    return make_temp_dir(ckpts, f".tmp-{final.name}-")
+
+
+def commit_checkpoint(run_dir: Path, step: int, tmp: Path | None, model: dict[str, torch.Tensor],
+                      ema: dict[str, torch.Tensor] | None, trainer: dict[str, Any], keep: int = 2) -> Path:
+    """Rank 0, once every rank has written its shards into ``tmp``: add the whole weights
+    (``model``, ``ema``: full state dicts, so one process can load them), ``trainer.pt``
+    and ``meta.json``, flush, rename into place, and point ``latest`` at it — as
+    :func:`save_checkpoint` does. ``tmp`` None: the checkpoint exists, only ``latest`` moves.
+    A failure removes ``tmp`` and leaves the previous checkpoint named in ``latest``.
+    """
+    ckpts = Path(run_dir) / "checkpoints"
+    name = f"step_{step:08d}"
+    final = ckpts / name
+    if tmp is not None:
+        try:
+            with writing(final, also=(RuntimeError, SafetensorError)):
+                save_file({k: v.contiguous() for k, v in model.items()}, tmp / "model.safetensors",
+                          metadata={"format": RUN_FORMAT, "step": str(step)})
+                if ema is not None:
+                    save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
+                torch.save(trainer, tmp / "trainer.pt")
+                (tmp / "meta.json").write_text(json.dumps({"format": RUN_FORMAT, "step": step}))
+                for f in sorted(tmp.rglob("*")):
+                    if f.is_file():
+                        honour_umask(f)
+                        with open(f, "rb") as fh:
+                            os.fsync(fh.fileno())
+                for d in [p for p in tmp.rglob("*") if p.is_dir()]:
+                    fsync_dir(d)
+                os.rename(tmp, final)
+            fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    atomic_write_text(ckpts / "latest", name + "\n")
+    for old in _complete_checkpoints(ckpts)[:-keep] if keep > 0 else []:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoint_shards(run_dir: Path) -> Path | None:
+    """The sharded optimiser state of the newest checkpoint, if processes wrote one."""
+    folder = latest_checkpoint(run_dir) / SHARDS
+    return folder if folder.is_dir() else None
 
 
 def _complete_checkpoints(ckpts: Path) -> list[Path]:

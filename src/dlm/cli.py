@@ -21,7 +21,10 @@ from typing import Any
 from dlm.errors import DlmError
 
 # Keys a resumed run may change; everything else must stay as the run was started.
-RESUMABLE = {"train.steps", "train.time_budget_s", "train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.device"}
+# train.batch_size and train.parallel may change so that a run can move to another number of
+# processes: keep batch_size × processes constant to follow the same global batch.
+RESUMABLE = {"train.steps", "train.time_budget_s", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
+             "train.device", "train.batch_size", "train.parallel"}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -51,6 +54,7 @@ def _train_flags(args) -> dict[str, Any]:
         "train.seed": args.seed,
         "train.device": args.device,
         "train.time_budget_s": args.time_budget,
+        "train.parallel": args.parallel,
     }
     # (``--init-from`` is not a config flag: it picks the base config, see _init_from_config)
 
@@ -522,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--device")
     t.add_argument("--time-budget", type=float, help="stop after this many seconds (LR schedule follows time)")
+    t.add_argument("--parallel", choices=["ddp", "fsdp"],
+                   help="under torchrun: ddp (default) or fsdp (FSDP2: weights, gradients, optimiser and EMA sharded)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     t.add_argument("--init-from", help="fine-tune: start from this run's weights, config and tokenizer (fresh optimiser)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -71,6 +71,7 @@ class ModelConfig:
     mlp_ratio: int = setting(4, lo=1)
     cond_dim: int = setting(128, lo=1)  # width of the adaLN time embedding (time-conditioned models only)
     dropout: float = setting(0.0, lo=0, hi=1, hi_open=True)
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~1/3 more compute
 
 
 @dataclass
@@ -100,10 +101,16 @@ class TrainConfig:
     ckpt_every: int = setting(0, lo=0)  # 0: checkpoint only at the end (and on Ctrl-C / SIGTERM)
     keep_checkpoints: int = setting(2, lo=1)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # under torchrun: ddp (whole model on every rank) or fsdp (FSDP2: weights, grads, optimiser and EMA sharded)
+    parallel: str = setting("ddp", choices=("ddp", "fsdp"))
     time_budget_s: float = setting(0.0, lo=0)  # > 0: stop after this many seconds, LR schedule follows time
     # diffusion SFT: each row's clean tokens hidden with this probability (the unconditional
     # pass of classifier-free guidance, sampler.guidance, learns from these rows); 0: off
     prompt_dropout: float = setting(0.0, lo=0, hi=1)
+    peak_tflops: float = setting(0.0, lo=0)  # the device's bf16 peak for MFU (0: look it up; CPUs: no MFU)
+    # > 0: the output layer and the loss run this many sequences at a time under activation
+    # checkpointing, so a large vocabulary's (B, L, V) float32 logits never exist at once
+    loss_chunk_rows: int = setting(0, lo=0)
     init_from: str | None = None  # fine-tune: start from this run's weights (fresh optimiser); set by --init-from
 
 

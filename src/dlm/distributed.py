@@ -1,27 +1,58 @@
-"""torchrun / DDP at the edge of the program.
+"""torchrun, DDP and FSDP2 at the edge of the program.
 
 Nothing below ``train.py`` imports ``torch.distributed``: processes, objectives, samplers
 and backbones stay single-process code. Launch several processes with torchrun::
 
     torchrun --standalone --nproc_per_node=8 -m dlm train --config ... --out RUN
+    torchrun --standalone --nproc_per_node=8 -m dlm train --parallel fsdp ...
 
 Each rank trains on its own slice of every global batch (``train.batch_size`` per rank);
-gradients are averaged by DDP; rank 0 alone writes the run folder. NCCL on CUDA, Gloo on CPU.
+rank 0 alone writes the run folder. NCCL on CUDA, Gloo on CPU (DDP and FSDP2 both).
+
+How the ranks share the model is one strategy object, chosen by ``train.parallel``:
+
+- ``ddp`` (:class:`Dist`): every rank holds the whole model and optimiser; DDP averages
+  the gradients over ranks once per optimiser step.
+- ``fsdp`` (:class:`FullyShardedDist`): FSDP2 (``fully_shard``) shards each transformer
+  block and the rest of the model over the ranks (parameters, gradients, optimiser state
+  and the EMA are DTensors holding 1/world of each tensor); its reduce-scatter averages
+  the gradients over ranks just as DDP does, so the loop's normalisation is the same.
+
+The loop asks the strategy to wrap the model, to skip the gradient sync on all but the
+last micro-batch, to gather full tensors for the single-file weights of a checkpoint, to
+shard full tensors back (the EMA on resume) and to save and load the sharded optimiser
+state with ``torch.distributed.checkpoint`` (which reshards onto any number of ranks).
+A single process (world 1) is the plain model whatever ``train.parallel`` says.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
 @dataclass
 class Dist:
+    """One rank of a run and the DDP strategy (world 1: a plain single process)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    name = "ddp"
 
     @property
     def is_main(self) -> bool:
@@ -54,13 +85,100 @@ class Dist:
             torch.distributed.all_reduce(t)
         return t
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a path, a flag)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # ---- the strategy: how the ranks share the model ------------------------------------
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the loop calls forward on (``model`` itself when there is one rank)."""
         if not self.enabled:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.local_rank] if next(model.parameters()).is_cuda else None
         return DistributedDataParallel(model, device_ids=ids)
+
+    def no_sync(self, net: torch.nn.Module):
+        """Accumulate gradients locally: no all-reduce in the backward passes inside."""
+        return net.no_sync() if self.enabled else contextlib.nullcontext()
+
+    def full_state(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Whole CPU tensors of a state dict on rank 0 (None elsewhere); collective under FSDP.
+
+        Sharded tensors are gathered one at a time, so no rank ever holds the whole model twice.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for key, value in tensors.items():
+            value = value.detach()
+            if _is_dtensor(value):
+                value = value.full_tensor()  # every rank takes part
+            if self.is_main:
+                out[key] = value.contiguous().cpu()
+        return out if self.is_main else None
+
+    def shard_like(self, full: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole tensors (the same on every rank) laid out as ``like``'s: sharded where it is."""
+        from_full = {}
+        for key, ref in like.items():
+            value = full[key].to(device=ref.device, dtype=ref.dtype)
+            if _is_dtensor(ref):
+                from torch.distributed.tensor import distribute_tensor
+
+                # every rank read the same file: each keeps its own shard, nothing is sent
+                value = distribute_tensor(value, ref.device_mesh, ref.placements, src_data_rank=None)
+            from_full[key] = value
+        return from_full
+
+    def optimizer_state(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimiser state keyed by parameter name; sharded tensors under FSDP."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt)
+
+    def save_sharded(self, state: dict[str, Any], folder: Path) -> None:
+        """Every rank writes its shards of ``state`` (replicated tensors once) into ``folder``."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(state, checkpoint_id=str(folder))
+
+    def load_optimizer_shards(self, model: torch.nn.Module, opt: torch.optim.Optimizer, folder: Path) -> None:
+        """Restore the optimiser state :meth:`save_sharded` wrote, on any number of ranks.
+
+        DCP reads into the layout of this run's optimiser, whatever the world size that
+        wrote it: each rank reads the pieces of each saved tensor its shard covers.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        state = {"optimizer": self.optimizer_state(model, opt)}  # (initialises the optimiser's state)
+        with warnings.catch_warnings():  # one process reading what several wrote is meant
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(state, checkpoint_id=str(folder))
+        set_optimizer_state_dict(model, opt, state["optimizer"])
+
+    def load_full_optimizer_state(self, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Restore an ``opt.state_dict()`` of a single-process run (parameters numbered in
+        the optimiser's order) onto this run, sharding it where the model is sharded."""
+        if not self.enabled:
+            opt.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for group in opt.param_groups for p in group["params"]]
+        if len(order) != sum(len(g["params"]) for g in state["param_groups"]):
+            raise ValueError("the saved optimiser has a different number of parameters")
+        by_name = {
+            "state": {order[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]],
+        }
+        set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True))
 
     def _device(self) -> torch.device:
         if torch.distributed.get_backend() == "nccl":
@@ -72,14 +190,52 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
-def init_distributed(device: torch.device) -> Dist:
-    """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1."""
+@dataclass
+class FullyShardedDist(Dist):
+    """FSDP2: parameters, gradients, optimiser state and EMA sharded over the ranks."""
+
+    name = "fsdp"
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Shard each transformer block, then the rest (embedding, head): one all-gather per
+        block in the forward, freed after it. ``model`` becomes the sharded module in place."""
+        if not self.enabled:
+            return model
+        from torch.distributed.fsdp import fully_shard
+
+        for block in getattr(model, "blocks", ()):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+
+    @contextlib.contextmanager
+    def no_sync(self, net: torch.nn.Module):
+        """FSDP2's switch: gradients stay unsharded and local until the last micro-batch."""
+        if not self.enabled:
+            yield
+            return
+        net.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            net.set_requires_gradient_sync(True)
+
+
+PARALLEL: dict[str, type[Dist]] = {"ddp": Dist, "fsdp": FullyShardedDist}
+
+
+def init_distributed(device: torch.device, parallel: str = "ddp") -> Dist:
+    """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1.
+
+    ``parallel`` (``train.parallel``) picks the strategy: ``ddp`` or ``fsdp``.
+    """
+    strategy = PARALLEL[parallel]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
+        return strategy()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=rank, world=world, local_rank=local_rank)
+    return strategy(rank=rank, world=world, local_rank=local_rank)

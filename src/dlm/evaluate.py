@@ -46,6 +46,7 @@ import torch
 
 from dlm.batch import Batch
 from dlm.data import Tokenizer, as_blocks
+from dlm.data.cache import token_counts
 from dlm.device import autocast
 from dlm.errors import DlmError
 from dlm.families import Family
@@ -143,7 +144,7 @@ def unigram_references(tokenizer: Tokenizer, train_stream: np.ndarray, blocks: n
     """Bits per byte of the tokens ``blocks`` (any shape) under a token unigram and a byte
     unigram fitted to the tokens ``train_stream`` (any shape)."""
     V = tokenizer.vocab_size
-    train = np.bincount(np.asarray(train_stream).ravel(), minlength=V).astype(np.float64)
+    train = token_counts(train_stream, V).astype(np.float64)  # in bounded chunks: a split may be larger than memory
     held = np.bincount(blocks.ravel(), minlength=V).astype(np.float64)
     strings = tokenizer.token_byte_strings()
 

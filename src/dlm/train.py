@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dlm.checkpoint import (create_run_dir, load_checkpoint, load_weights, remove_partial_checkpoints,
-                            run_data_identity, save_checkpoint)
+from dlm.checkpoint import (SHARDS, begin_checkpoint, checkpoint_shards, commit_checkpoint, create_run_dir,
+                            load_checkpoint, load_weights, remove_partial_checkpoints, run_data_identity,
+                            save_checkpoint)
 from dlm.config import RunConfig
 from dlm.data import BlockLoader, TokenData, load_tokenizer, prepare_data
 from dlm.data.corpora import check_data_identity
@@ -28,6 +29,7 @@ from dlm.device import autocast, generator, resolve_device
 from dlm.distributed import Dist, init_distributed
 from dlm.errors import DlmError
 from dlm.families import FAMILIES, Family
+from dlm.flops import flops_per_token, mfu, peak_tflops
 from dlm.metrics import trim_metrics
 from dlm.runlock import run_lock
 
@@ -52,7 +54,10 @@ def check_config(cfg: RunConfig) -> None:
 
 class EMA:
     """Exponential moving average of the weights, with the usual warm-up of the decay,
-    min(decay, (1 + n) / (10 + n)), so short runs are not dominated by the initial weights."""
+    min(decay, (1 + n) / (10 + n)), so short runs are not dominated by the initial weights.
+
+    Built from the wrapped model, it is laid out like the weights: under FSDP2 each rank
+    keeps the EMA of its own shards (DTensors), and the update is elementwise, shard by shard."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -66,8 +71,10 @@ class EMA:
 
 
 def accumulate_gradients(family: Family, net: torch.nn.Module, model: torch.nn.Module, batches, noise: torch.Generator,
-                         dist: Dist, device: torch.device) -> float:
-    """Gradients of one optimiser step over the global micro-batches ``batches``; returns its loss.
+                         dist: Dist, device: torch.device) -> torch.Tensor:
+    """Gradients of one optimiser step over the global micro-batches ``batches``; returns its loss
+    as a 0-dim float64 tensor (reading it is a host synchronisation: the loop does so only
+    on the steps it logs or checkpoints).
 
     Each rank scores its rows of every micro-batch; the gradient is that of
     Σ nats / Σ scored tokens over the whole step — every micro-batch and every rank — so
@@ -78,20 +85,20 @@ def accumulate_gradients(family: Family, net: torch.nn.Module, model: torch.nn.M
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # Σ nats, Σ scored tokens
     batches = list(batches)
     for micro, batch in enumerate(batches):
-        sync = micro == len(batches) - 1 or not dist.enabled  # DDP: all-reduce grads once per step
-        with contextlib.nullcontext() if sync else net.no_sync():
+        sync = micro == len(batches) - 1 or not dist.enabled  # DDP / FSDP2: reduce grads once per step
+        with contextlib.nullcontext() if sync else dist.no_sync(net):
             with autocast(device):
                 scored = family.loss(net, batch, noise, mine)
             scored.nats.sum().backward()  # each backward sums grads: normalised once below
         totals += torch.stack([scored.nats.detach().sum().double(), scored.count.sum().double()])
-    # DDP averaged the gradients over ranks, hence world / count
+    # DDP's all-reduce and FSDP2's reduce-scatter averaged the gradients over ranks, hence world / count
     totals = dist.all_reduce_sum(totals)
     count = totals[1].clamp_min(1.0)
     scale = (dist.world / count).float()
     for p in model.parameters():
         if p.grad is not None:
             p.grad.mul_(scale)
-    return float(totals[0] / count)
+    return totals[0] / count
 
 
 def load_init_weights(model: torch.nn.Module, source: Path) -> None:
@@ -192,7 +199,7 @@ def train(
     """
     check_config(cfg)
     device = resolve_device(cfg.train.device)
-    dist = init_distributed(device)
+    dist = init_distributed(device, cfg.train.parallel)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     try:
@@ -226,6 +233,19 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
         load_init_weights(model, init_from)
     model = model.to(device)
     params = model.num_params()
+    per_token, peak = flops_per_token(model, cfg.data.seq_len), peak_tflops(device, cfg.train.peak_tflops)
+
+    ckpt = None
+    if resume:
+        if dist.is_main:
+            remove_partial_checkpoints(out)  # a SIGKILLed writer's leftovers
+        check_data_identity(run_data_identity(out), data.identity, cfg.data.data)
+        ckpt = load_checkpoint(out)
+        shards = checkpoint_shards(out)  # the optimiser state of a run on several processes
+        load_weights(model, ckpt.model, out)  # whole weights, before the strategy shards them
+    # DDP, FSDP2 or (one process) the model itself; FSDP2 shards `model` in place, so the
+    # optimiser and the EMA below are built over its shards
+    net = dist.wrap(model)
 
     decay, no_decay = [], []
     for p in model.parameters():
@@ -241,17 +261,19 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
     loader = BlockLoader(train_rows, cfg.train.batch_size * dist.world, cfg.train.seed, clean=train_clean)
 
     step, elapsed_before, tokens = 0, 0.0, 0
-    if resume:
-        if dist.is_main:
-            remove_partial_checkpoints(out)  # a SIGKILLed writer's leftovers
-        check_data_identity(run_data_identity(out), data.identity, cfg.data.data)
-        ckpt = load_checkpoint(out)
-        load_weights(model, ckpt.model, out)
+    if ckpt is not None:
         if ema is not None and ckpt.ema is not None:
-            ema.shadow = {k: v.to(device) for k, v in ckpt.ema.items()}
+            ema.shadow = dist.shard_like(ckpt.ema, ema.shadow)
         st = ckpt.trainer
         try:
-            opt.load_state_dict(st["optimizer"])
+            # whatever number of processes wrote it: DCP reshards the sharded state, a
+            # single process's whole state is split here
+            if st.get("optimizer") is not None:
+                dist.load_full_optimizer_state(model, opt, st["optimizer"])
+            elif shards is not None:
+                dist.load_optimizer_shards(model, opt, shards)
+            else:
+                raise KeyError("optimizer")
             loader.load_state_dict(st["loader"])
             torch.set_rng_state(st["torch_rng"])
             if device.type == "cuda" and st.get("cuda_rng") is not None:
@@ -263,11 +285,11 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
             raise DlmError(f"{out} already finished {step} steps; pass a larger --steps to train further")
     elif dist.is_main:
         create_run_dir(out, cfg, tok, data_identity=data.identity)
-    net = dist.wrap(model)
 
     def trainer_state() -> dict[str, Any]:
         return {
-            "optimizer": opt.state_dict(),
+            # several processes: the optimiser state goes, sharded, into the checkpoint's dcp/ folder
+            "optimizer": None if dist.enabled else opt.state_dict(),
             "loader": loader.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -276,8 +298,19 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
         }
 
     def checkpoint() -> None:
-        if dist.is_main:
+        if not dist.enabled:
             save_checkpoint(out, step, model, ema.shadow if ema else None, trainer_state(), cfg.train.keep_checkpoints)
+            return
+        # several processes: whole weights and EMA gathered to rank 0 (one safetensors file
+        # each, loadable by one process); the optimiser state written by every rank, sharded
+        weights = dist.full_state(model.state_dict())
+        ema_weights = dist.full_state(ema.shadow) if ema else None
+        tmp = dist.broadcast_object(begin_checkpoint(out, step) if dist.is_main else None)
+        if tmp is not None:
+            dist.save_sharded({"optimizer": dist.optimizer_state(model, opt)}, tmp / SHARDS)
+        dist.barrier()
+        if dist.is_main:
+            commit_checkpoint(out, step, tmp, weights, ema_weights, trainer_state(), cfg.train.keep_checkpoints)
         dist.barrier()
 
     metrics = MetricsLog(out, step, enabled=dist.is_main)
@@ -289,6 +322,19 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
     )
     t_start = time.perf_counter()
     window_loss, window_steps, window_t, last_loss = 0.0, 0, t_start, float("nan")
+    diverged = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss since the last check
+    checked = step  # the last step whose losses were all seen finite
+    last_step_loss: torch.Tensor | None = None
+
+    def check_finite() -> None:
+        """Stop before a diverged model is logged or saved (a host synchronisation)."""
+        nonlocal checked
+        if bool(diverged):
+            where = "the last checkpoint is intact" if checked > 0 or resume else "no checkpoint was written"
+            raise DlmError(f"training diverged: the loss became non-finite between steps {checked + 1} and {step}; "
+                           f"{where} (try a lower train.lr)")
+        checked = step
+
     stopped_by: str | None = None
     model.train()
     try:
@@ -304,11 +350,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
                 noise = generator(device, step_seed(cfg.train.seed, step))
                 batches = (loader.next_batch().to(device, non_blocking=True) for _ in range(cfg.train.grad_accum))
                 step_loss = accumulate_gradients(family, net, model, batches, noise, dist, device)
-                if not math.isfinite(step_loss):
-                    where = "the last checkpoint is intact" if step > 0 or resume else "no checkpoint was written"
-                    raise DlmError(
-                        f"training diverged: loss is {step_loss} at step {step + 1}; {where} (try a lower train.lr)"
-                    )
+                diverged |= ~torch.isfinite(step_loss)  # no host synchronisation on steps that do not log
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
                 )
@@ -318,36 +360,49 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
                 tokens += tokens_per_step
                 if ema is not None:
                     ema.update(model, step)
-                window_loss += step_loss
+                window_loss = window_loss + step_loss
                 window_steps += 1
-                last_loss = step_loss
+                last_step_loss = step_loss
                 bar.update(1)
                 now = time.perf_counter()
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                logging = step % cfg.train.log_every == 0 or step == cfg.train.steps
+                if logging:
+                    check_finite()
                     tps = window_steps * tokens_per_step / max(now - window_t, 1e-9)
                     rec = {
                         "step": step,
-                        "loss": window_loss / window_steps,
+                        "loss": float(window_loss) / window_steps,
                         "lr": lr,
                         "grad_norm": float(grad_norm),
                         "tokens": tokens,
                         "tokens_per_s": tps,
+                        **({"mfu": mfu(tps, per_token, peak)} if peak else {}),
                         "elapsed_s": elapsed_before + now - t_start,
                     }
                     metrics.write(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}",
+                                    **({"mfu": f"{rec['mfu']:.1%}"} if peak else {}), refresh=False)
                     window_loss, window_steps, window_t = 0.0, 0, now
                 if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
+                    check_finite()
                     checkpoint()
-                # stop together: a signal on any rank, or the time budget, stops every rank
+                # stop together: a signal on any rank, or the time budget, stops every rank (agreed
+                # on logging steps when there are several processes: one collective there, none between)
                 signalled = stop.signal is not None
                 over_budget = budget > 0 and elapsed_before + now - t_start >= budget
-                signalled, over_budget = (v > 0 for v in dist.all_reduce([float(signalled), float(over_budget)], op="max"))
+                if dist.enabled:
+                    if not logging:
+                        continue
+                    signalled, over_budget = (v > 0 for v in dist.all_reduce([float(signalled), float(over_budget)],
+                                                                                op="max"))
                 if signalled:
                     stopped_by = stop.signal or "SIGTERM"
                     break
                 if over_budget:
                     break
+            check_finite()
+            if last_step_loss is not None:
+                last_loss = float(last_step_loss)
             checkpoint()
     finally:
         bar.close()

@@ -41,8 +41,8 @@ def main(out: str) -> None:
         model = fam.build_model()
         torch.nn.init.normal_(model.head.weight, std=0.3)
         net = dist.wrap(model)
-        loss = accumulate_gradients(fam, net, model, [grad_batch(0), grad_batch(1)], generator(torch.device("cpu"), 7),
-                                    dist, torch.device("cpu"))
+        loss = float(accumulate_gradients(fam, net, model, [grad_batch(0), grad_batch(1)], generator(torch.device("cpu"), 7),
+                                    dist, torch.device("cpu")))
         result[f"{family_name}/{objective}"] = {"loss": loss, **{k: p.grad.clone() for k, p in model.named_parameters()
                                                                   if p.grad is not None}}
     if dist.is_main:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 
@@ -36,6 +37,7 @@ class TransformerConfig:
     mlp_ratio: int = 4
     dropout: float = 0.0
     rope_base: float = 10000.0
+    activation_checkpointing: bool = False  # training: recompute each block's activations in the backward
 
 
 class Rotary(nn.Module):
@@ -244,6 +246,7 @@ class Transformer(nn.Module):
         kv_in: BlockKV | None = None,
         kv_out: BlockKV | None = None,
         start: int = 0,
+        head_fn=None,
     ) -> torch.Tensor:
         """x: (B, T) token ids; t: (B,) times in [0, 1] (time-conditioned models only).
 
@@ -263,6 +266,10 @@ class Transformer(nn.Module):
         attends to its own fresh keys and values and to ``kv_in``'s at every other position;
         ``score_mask`` is then (B, T) over the window and ``pad`` (B, L) over the whole
         sequence (the keys span all of it).
+
+        ``head_fn(head, h)``: instead of the logits, return what it makes of the output layer
+        and the final hidden states h (N, C) — a loss that runs the output layer a chunk of rows
+        at a time, so the (N, V) float32 logits never exist at once (``dlm.objectives.chunked``).
         """
         B, T = x.shape
         keys_len = T
@@ -300,8 +307,12 @@ class Transformer(nn.Module):
                 attn_mask = attn_mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         h = self.embed(x)  # (B, T, C)
         kv = {} if kv_in is None and kv_out is None else {"kv_in": kv_in, "kv_out": kv_out, "start": start}
+        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
-            h = block(h, c, cos, sin, cache, i, attn_mask, **kv)
+            if recompute:  # keep only each block's input; its activations are recomputed in the backward
+                h = torch.utils.checkpoint.checkpoint(block, h, c, cos, sin, None, i, attn_mask, use_reentrant=False, **kv)
+            else:
+                h = block(h, c, cos, sin, cache, i, attn_mask, **kv)
         h = self.norm(h)
         if self.final_ada is not None:
             shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
@@ -310,4 +321,6 @@ class Transformer(nn.Module):
             cache.length += T
         if score_mask is not None:
             h = h[score_mask]  # (N, C), row-major order
+        if head_fn is not None:
+            return head_fn(self.head, h)
         return self.head(h).float()  # (B, T, V) or (N, V)

@@ -12,9 +12,10 @@ import numpy as np
 
 from dlm.config import DataConfig
 from dlm.data.cache import build_tokenizer, open_stream, tokenize_cached
-from dlm.data.corpora import Corpus, data_identity, load_corpus
+from dlm.data.corpora import Corpus, data_identity, hf_fingerprint, load_corpus, load_hf_dataset
 from dlm.data.loader import BlockLoader, as_blocks
-from dlm.data.pairs import Pair, encode_pairs, is_pairs_file, pair_texts, read_pairs, split_pairs
+from dlm.data.pairs import (Pair, dataset_pairs, encode_pairs, has_pair_columns, is_pairs_file, pair_texts, read_pairs,
+                            split_pairs)
 from dlm.data.tasks import PAIR_TASKS
 from dlm.data.tokenizers import TOKENIZERS, Tokenizer, load_tokenizer
 from dlm.errors import DlmError
@@ -52,14 +53,21 @@ class TokenData:
 
 
 def is_pairs_data(spec: str) -> bool:
-    """A built-in instruction task, or a .jsonl file of prompt/response (or messages) rows."""
-    return spec in PAIR_TASKS or is_pairs_file(Path(spec))
+    """A built-in instruction task, a .jsonl file of prompt/response (or messages) rows, or a
+    Hugging Face dataset with those columns."""
+    if spec in PAIR_TASKS or is_pairs_file(Path(spec)):
+        return True
+    if spec.startswith("hf:"):
+        return has_pair_columns(load_hf_dataset(spec)["train"].column_names)
+    return False
 
 
 def load_pairs(spec: str, val_fraction: float) -> tuple[dict[str, list[Pair]], str]:
     """The train/val pairs of ``spec`` and a fingerprint of their content."""
     if spec in PAIR_TASKS:
         return PAIR_TASKS.get(spec)(val_fraction), f"pairs-task:{spec}:v1"
+    if spec.startswith("hf:"):
+        return dataset_pairs(load_hf_dataset(spec), spec, val_fraction), "pairs-" + hf_fingerprint(spec)
     path = Path(spec)
     digest = hashlib.sha1(path.read_bytes()).hexdigest()
     return split_pairs(read_pairs(path), val_fraction), f"pairs:{digest}"

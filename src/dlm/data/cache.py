@@ -20,9 +20,9 @@ tokenisation restarts from the beginning; it does not resume); a live writer's n
 are. An entry found corrupt (edited, truncated) is tokenised again. Entries written
 before shards existed (``train.bin`` / ``val.bin``, no shard list) are read as they are.
 
-Tokenising streams: the documents of a split are cut into chunks of about CHUNK_CHARS
-characters (a long document is cut at a line break where that cannot change its
-tokens), the chunks are encoded by a pool of worker processes (``workers``,
+Tokenising streams: the documents of a split are grouped into tasks of about CHUNK_CHARS
+characters (a long document is cut into pieces at line breaks where that cannot change
+its tokens), the tasks are encoded by a pool of worker processes (``workers``,
 ``$DLM_TOKENIZE_WORKERS``, default: the CPUs this process may use) with at most two per
 worker in flight, and the parent writes their tokens in document order. Neither the
 corpus nor the token stream is ever held whole in memory (only what the corpus reader
@@ -61,6 +61,7 @@ SPLITS = ("train", "val")
 # its own and under the 4 GiB file limit of FAT/exFAT-formatted drives even as uint32.
 SHARD_TOKENS = 1 << 28
 CHUNK_CHARS = 1 << 20  # characters of text per task: ~1 MB, a few ms of overhead against ~1 s of work
+PIECE_CHARS = 2048  # a longer document is cut into pieces about this long (see chunk_documents)
 POOL_MIN_CHUNKS = 8  # a split of fewer chunks is tokenised in-process: starting workers costs seconds
 WORKERS_ENV = "DLM_TOKENIZE_WORKERS"
 # tokenizers whose tokens never change when a document is cut right after a "\n" that has a
@@ -155,41 +156,41 @@ def _first_cut(doc: str, lo: int) -> int:
     return -1
 
 
-def chunk_documents(docs: Iterable[str], chunk_chars: int, cuttable: bool = True) -> Iterator[list[Piece]]:
-    """Group ``docs`` into lists of pieces of about ``chunk_chars`` characters.
+def cut_document(doc: str, piece_chars: int) -> Iterator[Piece]:
+    """``doc`` as pieces of about ``piece_chars`` characters or fewer, cut only where cutting
+    cannot change its tokens (a stretch with no such line break stays whole)."""
+    start, n = 0, len(doc)
+    while n - start > piece_chars:
+        cut = _last_cut(doc, start + 1, start + piece_chars)
+        if cut < 0:
+            cut = _first_cut(doc, start + piece_chars)
+            if cut < 0:
+                break
+        yield doc[start:cut], False
+        start = cut
+    yield (doc[start:] if start else doc), True
 
-    Whole documents are packed together; a document longer than the room left is cut (when
-    ``cuttable``) at line breaks where cutting cannot change its tokens, so every chunk stays
-    near ``chunk_chars`` (a document with no such line break stays whole). Concatenating
-    the pieces in order gives back the documents.
+
+def chunk_documents(docs: Iterable[str], chunk_chars: int, cuttable: bool = True,
+                    piece_chars: int | None = None) -> Iterator[list[Piece]]:
+    """Group ``docs`` into tasks (lists of pieces) of about ``chunk_chars`` characters.
+
+    When ``cuttable``, a document longer than ``piece_chars`` (default PIECE_CHARS) is cut
+    into pieces at line breaks where cutting cannot change its tokens: a long document then
+    spreads over several tasks, and the byte-level BPE encodes short pieces faster (about
+    1.4× at 2,000 characters than at 1 MB, measured) and with far less memory.
+    Concatenating the pieces in order gives back the documents.
     """
+    piece_chars = PIECE_CHARS if piece_chars is None else piece_chars
     pieces: list[Piece] = []
     size = 0
     for doc in docs:
-        start, n = 0, len(doc)
-        while True:
-            room = chunk_chars - size
-            if n - start <= room or not cuttable:
-                pieces.append((doc[start:] if start else doc, True))
-                size += n - start
-                break
-            cut = _last_cut(doc, start + 1, start + room)
-            if cut < 0 and pieces:  # no cut fits in what is left of this chunk: start the next one
+        for piece in cut_document(doc, piece_chars) if cuttable else ((doc, True),):
+            pieces.append(piece)
+            size += len(piece[0])
+            if size >= chunk_chars:
                 yield pieces
                 pieces, size = [], 0
-                continue
-            if cut < 0:
-                cut = _first_cut(doc, start + room)
-                if cut < 0:  # no safe cut in the rest of the document: it goes whole
-                    pieces.append((doc[start:], True))
-                    size += n - start
-                    break
-            pieces.append((doc[start:cut], False))
-            yield pieces
-            pieces, size, start = [], 0, cut
-        if size >= chunk_chars:
-            yield pieces
-            pieces, size = [], 0
     if pieces:
         yield pieces
 
@@ -288,7 +289,6 @@ class _Encoder:
             in_flight.append(self.pool.apply_async(_worker_encode, (pieces,)))
         while in_flight:
             yield in_flight.popleft().get()
-
 
     def _start_pool(self):
         import multiprocessing

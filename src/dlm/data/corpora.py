@@ -183,15 +183,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hf_corpus(spec: str, val_fraction: float) -> Corpus:
-    """``hf:REPO[:CONFIG]``, a local dataset folder after ``hf:``, or an alias name."""
+def hf_spec(spec: str) -> tuple[str, str | None, str, bool]:
+    """(repository or local folder, config, text column, concatenate rows) of ``hf:…`` or an alias."""
     if spec in HF_ALIASES:
-        repo, config, column, concat = HF_ALIASES[spec]
-    else:
-        rest = spec[3:]
-        repo, _, config = rest.partition(":") if not Path(rest).exists() else (rest, "", "")
-        config = config or None
-        column, concat = "text", False
+        return HF_ALIASES[spec]
+    rest = spec[3:]
+    repo, _, config = rest.partition(":") if not Path(rest).exists() else (rest, "", "")
+    return repo, config or None, "text", False
+
+
+def load_hf_dataset(spec: str):
+    """The ``datasets.DatasetDict`` of ``spec`` (``hf:REPO[:CONFIG]``, ``hf:/local/folder`` or an
+    alias), offline when the hub cannot be reached; one line when it cannot be loaded."""
+    repo, config, _, _ = hf_spec(spec)
     try:
         import datasets
     except ImportError:
@@ -213,10 +217,27 @@ def _hf_corpus(spec: str, val_fraction: float) -> Corpus:
                 f"is not reachable (offline); download it on a connected machine or pass a local path"
             ) from None
         raise DlmError(f"cannot load dataset '{spec}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-    val_name = next((n for n in ("validation", "valid", "test") if n in ds), None)
     if "train" not in ds:
         raise DlmError(f"dataset '{spec}' has no train split (it has: {', '.join(ds)})")
+    return ds
+
+
+def hf_fingerprint(spec: str) -> str:
+    """What keys a Hugging Face dataset's token cache: its name, or a local folder's content."""
+    repo, config, column, concat = hf_spec(spec)
+    local = Path(repo).exists()
+    fp = f"hf:{Path(repo).resolve() if local else repo}:{config}:{column}:{concat}"
+    if local:
+        fp += ":" + content_hash(sorted(p for p in Path(repo).rglob("*") if p.is_file()), Path(repo))
+    return fp
+
+
+def _hf_corpus(spec: str, val_fraction: float) -> Corpus:
+    """``hf:REPO[:CONFIG]``, a local dataset folder after ``hf:``, or an alias name."""
+    _, _, column, concat = hf_spec(spec)
+    ds = load_hf_dataset(spec)
+
+    val_name = next((n for n in ("validation", "valid", "test") if n in ds), None)
 
     def rows(split_name: str) -> Iterator[str]:
         table = ds[split_name]
@@ -240,10 +261,7 @@ def _hf_corpus(spec: str, val_fraction: float) -> Corpus:
             return rows("train" if split == "train" else val_name)
     else:
         docs = split_docs(lambda: rows("train"), len(ds["train"]) if not concat else 1, val_fraction)
-    fp = f"hf:{Path(repo).resolve() if local else repo}:{config}:{column}:{concat}"
-    if local:
-        fp += ":" + content_hash(sorted(p for p in Path(repo).rglob("*") if p.is_file()), Path(repo))
-    return Corpus(spec, fp, docs)
+    return Corpus(spec, hf_fingerprint(spec), docs)
 
 
 def load_corpus(spec: str, val_fraction: float = 0.05) -> Corpus:

@@ -117,6 +117,29 @@ def read_pairs(path: Path) -> list[Pair]:
     return pairs
 
 
+PAIR_COLUMNS = ({"prompt", "response"}, {"messages"})
+
+
+def has_pair_columns(columns) -> bool:
+    """A table with ``prompt`` and ``response`` columns, or ``messages``, holds pairs."""
+    return any(need <= set(columns) for need in PAIR_COLUMNS)
+
+
+def dataset_pairs(ds, spec: str, val_fraction: float) -> dict[str, list[Pair]]:
+    """The pairs of a Hugging Face ``DatasetDict`` with pair columns: its own validation split
+    when it has one (``validation``, ``valid`` or ``test``), else every k-th train row."""
+    def rows(split: str) -> list[Pair]:
+        table = ds[split]
+        keep = [c for c in ("prompt", "response", "messages") if c in table.column_names]
+        return [parse_row(record, f"{spec} [{split}] row {i}")
+                for i, record in enumerate(table.select_columns(keep))]
+
+    val_name = next((n for n in ("validation", "valid", "test") if n in ds), None)
+    if val_name is None:
+        return split_pairs(rows("train"), val_fraction)
+    return {"train": rows("train"), "val": rows(val_name)}
+
+
 def split_pairs(pairs: list[Pair], val_fraction: float) -> dict[str, list[Pair]]:
     """Every k-th row (k = round(1/val_fraction)) to validation, at least one when there are two."""
     k = max(2, round(1.0 / val_fraction))

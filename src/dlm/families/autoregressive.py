@@ -38,9 +38,8 @@ class Autoregressive(Family):
         pad = batch.attention_pad
         if pad is not None:  # the input at position l is x0[l − 1] (BOS at 0, never padding)
             pad = torch.cat([torch.zeros_like(pad[:, :1]), pad[:, :-1]], dim=1)
-        logits = model(self._shift(batch.x0), score_mask=where, pad=pad)  # (N, V)
         c = Corrupted(batch.x0, batch.x0, torch.zeros(batch.x0.shape[0], device=batch.x0.device), where)
-        return self.objective(logits, c, where, None)
+        return self.score(self.objective, model, c, where, None, x=self._shift(batch.x0), pad=pad)
 
     def loss(self, model, batch, generator, rows=slice(None)):
         return self._score(model, batch.rows(rows))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -27,7 +28,8 @@ from dlm.backbones import Transformer, TransformerConfig, resolve_size
 from dlm.batch import Batch
 from dlm.config import ComponentConfig, RunConfig, apply_dict, check_settings
 from dlm.errors import DlmError
-from dlm.objectives import Objective, Scored
+from dlm.objectives import Corrupted, Objective, Scored
+from dlm.objectives.chunked import chunked_score
 from dlm.registry import Registry
 from dlm.samplers import Sampler, SamplerSettings
 
@@ -86,6 +88,14 @@ class Family(ABC):
     def input_vocab_size(self) -> int:
         return self.vocab_size
 
+    def score(self, objective: Objective, model, c: Corrupted, where: torch.Tensor, process, **inputs) -> Scored:
+        """``objective`` at ``where`` from ``model(**inputs, score_mask=where)``: the logits at once,
+        or — training with ``train.loss_chunk_rows`` > 0 — a chunk of sequences at a time."""
+        rows = self.cfg.train.loss_chunk_rows
+        if rows and torch.is_grad_enabled():
+            return model(**inputs, score_mask=where, head_fn=partial(chunked_score, objective, c, where, process, rows))
+        return objective(model(**inputs, score_mask=where), c, where, process)
+
     def build_model(self) -> Transformer:
         size = resolve_size(self.cfg.model)
         return Transformer(
@@ -99,6 +109,7 @@ class Family(ABC):
                 cond_dim=self.cfg.model.cond_dim if self.time_conditioned else 0,
                 mlp_ratio=self.cfg.model.mlp_ratio,
                 dropout=self.cfg.model.dropout,
+                activation_checkpointing=self.cfg.model.activation_checkpointing,
             )
         )
 

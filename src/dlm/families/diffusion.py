@@ -50,8 +50,8 @@ class DiffusionFamily(Family):
 
     def _score(self, objective: Objective, model, c: Corrupted, pad) -> Scored:
         where = objective.score_mask(c)  # (B, L)
-        logits = model(c.xt, c.t if self.time_conditioned else None, score_mask=where, pad=pad)  # (N, V)
-        return objective(logits, c, where, self.process)
+        return self.score(objective, model, c, where, self.process, x=c.xt, t=c.t if self.time_conditioned else None,
+                          pad=pad)
 
     def loss(self, model, batch, generator, rows=slice(None)):
         frac = low_discrepancy(batch.x0.shape[0], generator, batch.x0.device)

@@ -1,0 +1,41 @@
+"""Any objective, its output layer and loss run a chunk of rows at a time.
+
+The output layer of a large vocabulary makes the biggest tensor of a training step: (N, V)
+float32 logits at the N scored positions (and the uniform-state NELBO holds a few more of
+that size). ``train.loss_chunk_rows`` = R > 0 scores the batch R sequences at a time, each
+chunk's logits and loss under activation checkpointing: the forward keeps only the chunk's
+result, the backward recomputes one chunk's logits at a time. Peak memory for the logits is
+then O(R · L · V) instead of O(B · L · V), for every objective, at the price of running the
+output layer twice. Every objective is a sum over sequences, so the chunks' per-sequence nats
+and counts are exactly those of the whole batch (tested to equal the plain loss in value and
+gradient). Objectives draw no randomness in ``__call__`` (their noise is drawn beforehand in
+``draw``), so the recomputation is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from dlm.objectives.base import Corrupted, Objective, Scored
+
+
+def chunked_score(objective: Objective, c: Corrupted, where: torch.Tensor, process, rows: int, head, h):
+    """Scored of ``objective`` from hidden states h (N, C) at ``where`` (B, L), ``rows`` sequences
+    of the batch at a time (a ``head_fn`` for ``Transformer.forward``)."""
+    B = where.shape[0]
+    offsets = [0, *torch.cumsum(where.sum(-1), 0).tolist()]  # where each row's positions start in h
+    nats, counts = [], []
+    for r in range(0, B, rows):
+        sl = slice(r, min(r + rows, B))
+        part = c.rows(sl)
+        part_where = where[sl]
+
+        def score(hidden, part=part, part_where=part_where):
+            s = objective(head(hidden).float(), part, part_where, process)
+            return s.nats, s.count
+
+        n, k = checkpoint(score, h[offsets[sl.start]:offsets[sl.stop]], use_reentrant=False)
+        nats.append(n)
+        counts.append(k)
+    return Scored(torch.cat(nats), torch.cat(counts))
