@@ -42,6 +42,14 @@ class DiffusionSamplerSettings(SamplerSettings):
 SamplingOptions = SamplerSettings  # the name the library used before samplers had their own settings
 
 
+def start_from_prior(process, given: torch.Tensor, clean: torch.Tensor, pad: torch.Tensor | None,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_1, fixed): the prior at every generated position, the given tokens where ``fixed``
+    (clean, or padding) — where every diffusion sampler starts."""
+    fixed = clean if pad is None else clean | pad
+    return torch.where(fixed, given, process.prior(given.shape, generator, given.device)), fixed
+
+
 class Sampler:
     name: str
     Settings: type = SamplerSettings

@@ -52,7 +52,7 @@ import torch
 from dlm.backbones.transformer import BlockKV
 from dlm.config import setting
 from dlm.processes.masked import MaskedProcess
-from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical
+from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical, start_from_prior
 
 CACHES = ("none", "prefix", "dual")
 
@@ -131,9 +131,8 @@ class FastDllmSampler(Sampler):
         opts = self.settings
         B, L = given.shape
         device = given.device
-        fixed = clean if pad is None else clean | pad
+        x, fixed = start_from_prior(process, given, clean, pad, generator)  # (B, L)
         free = ~fixed
-        x = torch.where(fixed, given, process.prior(given.shape, generator, device))  # (B, L)
         n_free = free.sum(-1).clamp_min(1)
         nfe, computed = 0, 0
         for start, end, share in plan_blocks(free, opts.block_length, opts.steps):

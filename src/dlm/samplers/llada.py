@@ -45,7 +45,7 @@ import torch
 
 from dlm.config import setting
 from dlm.processes.masked import MaskedProcess
-from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical
+from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical, start_from_prior
 from dlm.samplers.masked_ancestral import NetworkCalls, evaluate_rows, time_of_alpha
 
 REMASKING = ("low_confidence", "random")
@@ -87,9 +87,8 @@ class LLaDASampler(Sampler):
         positions are kept as in ``given``."""
         st = self.settings
         num, device = given.shape[0], given.device
-        fixed = clean if pad is None else clean | pad
+        x, fixed = start_from_prior(process, given, clean, pad, generator)  # (B, L)
         target = ~fixed
-        x = torch.where(fixed, given, process.prior(given.shape, generator, device))  # (B, L)
         n_target = target.sum(-1)  # (B,)
         counter = NetworkCalls(num)
         longest = int(n_target.max()) if num else 0

@@ -41,7 +41,7 @@ import torch
 
 from dlm.config import setting
 from dlm.processes.masked import MaskedProcess
-from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical
+from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical, start_from_prior
 
 
 class NetworkCalls:
@@ -115,8 +115,7 @@ class MaskedAncestralSampler(Sampler):
         steps = self.settings.steps
         num = given.shape[0]
         device = given.device
-        fixed = clean if pad is None else clean | pad
-        x = torch.where(fixed, given, process.prior(given.shape, generator, device))  # (B, L)
+        x, fixed = start_from_prior(process, given, clean, pad, generator)  # (B, L)
         times = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
         counter = NetworkCalls(num)
         for i in range(steps):

@@ -46,7 +46,7 @@ import torch
 from dlm.config import setting
 from dlm.errors import DlmError
 from dlm.processes.masked import MaskedProcess
-from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical
+from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical, start_from_prior
 from dlm.samplers.masked_ancestral import NetworkCalls, evaluate_rows, time_of_alpha
 
 SCHEDULES = ("cap", "rescale", "conf")
@@ -148,8 +148,7 @@ class ReMDMSampler(Sampler):
         self._check()
         st = self.settings
         steps, num, device = st.steps, given.shape[0], given.device
-        fixed = clean if pad is None else clean | pad
-        x = torch.where(fixed, given, process.prior(given.shape, generator, device))  # (B, L)
+        x, fixed = start_from_prior(process, given, clean, pad, generator)  # (B, L)
         times = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
         conf = torch.zeros(x.shape, dtype=torch.float64, device=device)  # ψ of the decoded positions
         counter = NetworkCalls(num)

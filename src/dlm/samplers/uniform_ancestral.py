@@ -39,7 +39,7 @@ import torch
 
 from dlm.config import setting
 from dlm.processes.uniform import UniformProcess
-from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical
+from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical, start_from_prior
 from dlm.samplers.masked_ancestral import NetworkCalls, evaluate_rows
 
 
@@ -113,8 +113,7 @@ class UniformAncestralSampler(Sampler):
         st = self.settings
         steps = st.steps
         num, device = given.shape[0], given.device
-        fixed = clean if pad is None else clean | pad
-        x = torch.where(fixed, given, process.prior(given.shape, generator, device))
+        x, fixed = start_from_prior(process, given, clean, pad, generator)  # (B, L)
         free = ~fixed
         if not free.any():
             self.stats = NetworkCalls(num).as_dict()
