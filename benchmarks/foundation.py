@@ -13,36 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from dlm.bench.report import machine  # one description of the machine (benchmarks/samplers imports it from here)
 
 HERE = Path(__file__).parent
 OBJECTIVE = {"ar": ["--objective", "ce"], "mdlm": []}  # the quickstart config names MDLM's objective
-
-
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-    }
 
 
 def dlm(*args: str) -> subprocess.CompletedProcess:

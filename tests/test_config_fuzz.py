@@ -66,11 +66,15 @@ def _walk(cls, prefix: str, context: tuple[str, ...]) -> list[Key]:
 
 def leaf_keys() -> list[Key]:
     """Every key a config can set: RunConfig's own, and per family the ``name`` and the
-    ``Settings`` fields of each of its objectives and samplers."""
+    ``Settings`` fields of each of its objectives, samplers and (where it has a choice)
+    processes."""
     keys = _walk(RunConfig, "", ())
     for family in FAMILIES.names():
         cls = FAMILIES.get(family)
-        for section, registry in (("objective", cls.objectives), ("sampler", cls.samplers)):
+        sections = [("objective", cls.objectives), ("sampler", cls.samplers)]
+        if cls.processes is not None:  # families that offer several forward processes
+            sections.append(("process", cls.processes))
+        for section, registry in sections:
             keys.append(Key(f"{section}.name", str, None, (f"family={family}",)))
             for name in registry.names():
                 context = (f"family={family}", f"{section}.name={name}")
@@ -152,7 +156,8 @@ def no_work(monkeypatch):
 def test_the_enumeration_reaches_components_and_nested_sections():
     paths = {k.path for k in KEYS}
     assert {"train.lr", "model.dropout", "data.seq_len", "eval.mc_samples", "time_conditioning",
-            "objective.name", "objective.reg_eps", "objective.where", "sampler.top_p", "sampler.cache"} <= paths
+            "objective.name", "objective.reg_eps", "objective.where", "sampler.top_p", "sampler.cache",
+            "process.name", "process.steps", "objective.ce_weight", "eval.time_stride"} <= paths
     assert {k.context[0] for k in KEYS if k.context} == {f"family={f}" for f in FAMILIES.names()}
     # bad_values knows these types; a key of another type needs its own bad values here
     assert {k.tp for k in KEYS} <= {bool, int, float, str}, {k.path: k.tp for k in KEYS}

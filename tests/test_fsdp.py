@@ -5,7 +5,6 @@ torch.distributed.checkpoint, resharded; the whole weights as one safetensors fi
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dlm.checkpoint import begin_checkpoint, checkpoint_shards, commit_checkpoint, latest_checkpoint, read_run_config
-from dlm.config import save_yaml
+from dlm.checkpoint import begin_checkpoint, checkpoint_shards, commit_checkpoint, latest_checkpoint
+from helpers import back_to_step
 
 STEPS, HALF = 6, 3
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -54,19 +53,9 @@ def _assert_same_weights(a, b, exact=False):
 
 
 def _back_to_half(src: Path, dst: Path, **config) -> Path:
-    """A copy of run ``src`` as it was at step HALF (its later checkpoints gone), with
-    ``config`` written into its config.yaml (a new per-rank batch keeps the global batch)."""
-    shutil.copytree(src, dst)
-    for ckpt in (dst / "checkpoints").glob("step_*"):
-        if int(ckpt.name.split("_")[1]) > HALF:
-            shutil.rmtree(ckpt)
-    (dst / "checkpoints" / "latest").write_text(f"step_{HALF:08d}\n")
-    cfg = read_run_config(dst)
-    for key, value in config.items():
-        assert hasattr(cfg.train, key), key
-        setattr(cfg.train, key, value)
-    (dst / "config.yaml").write_text(save_yaml(cfg))
-    return dst
+    """A copy of run ``src`` as it was at step HALF, with ``config`` written into its config.yaml
+    (a new per-rank batch keeps the global batch)."""
+    return back_to_step(src, dst, HALF, **config)
 
 
 @pytest.fixture(scope="module")

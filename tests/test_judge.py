@@ -4,7 +4,6 @@ the entropy of samples, and `dlm eval --samples` end to end."""
 import json
 import math
 import random
-import shutil
 
 import numpy as np
 import pytest
@@ -14,11 +13,11 @@ pytest.importorskip("transformers")
 
 from dlm import judge as judge_mod  # noqa: E402
 from dlm.cli import main  # noqa: E402
-from dlm.data.tokenizers import ByteTokenizer, gpt2_files  # noqa: E402
+from dlm.data.tokenizers import ByteTokenizer  # noqa: E402
 from dlm.errors import DlmError  # noqa: E402
 from dlm.evaluate import generative_perplexity, sample_documents, sample_entropy  # noqa: E402
 from dlm.judge import load_judge  # noqa: E402
-from helpers import TINY, one_line_error  # noqa: E402
+from helpers import TINY, one_line_error, tiny_judge  # noqa: E402
 from helpers import run as run_cli  # noqa: E402
 
 FLUENT = (
@@ -37,15 +36,7 @@ def judge():
 @pytest.fixture(scope="module")
 def tiny_judge_dir(tmp_path_factory):
     """A random 1-layer GPT-2 with the real GPT-2 tokenizer, saved as a local HF folder."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    d = tmp_path_factory.mktemp("tiny-gpt2")
-    vocab, merges = gpt2_files()
-    shutil.copy(vocab, d / "vocab.json")
-    shutil.copy(merges, d / "merges.txt")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64)).save_pretrained(d)
-    return d
+    return tiny_judge(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 @pytest.fixture(scope="module")

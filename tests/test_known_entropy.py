@@ -52,14 +52,16 @@ def source(tmp_path_factory):
     return f, H
 
 
-@pytest.mark.parametrize("family,steps,mc", [("ar", 150, 1), ("mdlm", 250, 8), ("usdm", 250, 8)])
-def test_held_out_nll_is_not_below_the_entropy_rate(source, tmp_path, capsys, family, steps, mc):
+# d3pm: T = 50 and every step term in the bound (its exact NELBO, no stride)
+@pytest.mark.parametrize("family,steps,mc,extra", [("ar", 150, 1, []), ("mdlm", 250, 8, []), ("usdm", 250, 8, []),
+                                                   ("d3pm", 250, 1, ["process.steps=50"])])
+def test_held_out_nll_is_not_below_the_entropy_rate(source, tmp_path, capsys, family, steps, mc, extra):
     path, H = source
     assert 0.5 < H < math.log(3)  # three successors per state: H is well below log 8
     out = tmp_path / family
     code = main(["train", "--family", family, "--data", str(path), "--tokenizer", "char", "--size", "tiny",
                  "--seq-len", "64", "--batch-size", "32", "--steps", str(steps), "--lr", "3e-3", "--seed", "0",
-                 "--out", str(out), "--quiet", "train.warmup_steps=20"])
+                 "--out", str(out), "--quiet", "train.warmup_steps=20", *extra])
     assert code == 0
     capsys.readouterr()
     assert main(["eval", str(out), "--json", "--max-tokens", "0", "--mc-samples", str(mc)]) == 0

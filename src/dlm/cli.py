@@ -1,4 +1,4 @@
-"""``dlm train | eval | sample | quickstart``: the command line.
+"""``dlm train | eval | sample | quickstart | lm-eval | bench compare``: the command line.
 
 Common options are flags; everything else comes from a YAML config (``--config``) and
 ``key=value`` overrides (``train.lr=3e-4 model.n_layer=6``). Bad input ends in one line on
@@ -23,8 +23,9 @@ from dlm.errors import DlmError
 # Keys a resumed run may change; everything else must stay as the run was started.
 # train.batch_size and train.parallel may change so that a run can move to another number of
 # processes: keep batch_size × processes constant to follow the same global batch.
+# train.compile changes how the steps run, not what they compute (checkpoints are the same either way).
 RESUMABLE = {"train.steps", "train.time_budget_s", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-             "train.device", "train.batch_size", "train.parallel"}
+             "train.device", "train.batch_size", "train.parallel", "train.compile"}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -55,6 +56,7 @@ def _train_flags(args) -> dict[str, Any]:
         "train.device": args.device,
         "train.time_budget_s": args.time_budget,
         "train.parallel": args.parallel,
+        "train.compile": args.compile,
     }
     # (``--init-from`` is not a config flag: it picks the base config, see _init_from_config)
 
@@ -142,9 +144,11 @@ def cmd_train(args) -> int:
         "tokens_per_s": round(result.tokens_per_s, 1),
         "elapsed_s": round(result.elapsed_s, 1),
         "params": result.params,
+        **({"compile_s": round(result.compile_s, 1)} if cfg.train.compile else {}),
     }
+    compiled = f"; compiling {result.compile_s:.0f} s (inductor's start-up and the first step)" if cfg.train.compile else ""
     print(json.dumps(summary) if args.json else f"trained {out}: step {result.step}, loss {result.loss:.4f}, "
-          f"{result.tokens_per_s:,.0f} tokens/s, {result.elapsed_s:.0f} s")
+          f"{result.tokens_per_s:,.0f} tokens/s, {result.elapsed_s:.0f} s{compiled}")
     if result.interrupted:
         print(f"stopped by {result.interrupted}; the checkpoint is saved: continue with "
               f"`dlm train --out {out} --resume`", file=sys.stderr)
@@ -219,6 +223,10 @@ def _format_eval(r: dict) -> str:
     if "nll" not in r:  # --no-likelihood
         return f"{r['family']} run {r['run']} at step {r['step']} — sample quality\n" + _format_samples(r)
     kind = "upper bound (NELBO, %d MC samples)" % r["mc_samples"] if r["bound"] else "exact"
+    if "bound_steps" in r:  # discrete time: which model's bound (every step, or a stride of them)
+        kind += f", {r['bound_steps']}-step model (T = {r['process_steps']}, stride {r['time_stride']})"
+    if r.get("carry"):  # usdm: the bound of another x_θ than the network's softmax (docs/uniform.md)
+        kind += f", x_θ = {r['x_theta']}"
     lines = [
         f"{r['family']} run {r['run']} at step {r['step']}, {r['data']} [{r['split']}], "
         f"{r['tokens']:,} tokens in {r['sequences']} sequences of {r['seq_len']} — {kind}",
@@ -259,7 +267,17 @@ def cmd_eval(args) -> int:
             raise DlmError(f"{flag} must be ≥ 1, got {value}")
     if args.max_tokens is not None and args.max_tokens < 0:
         raise DlmError(f"--max-tokens must be ≥ 0 (0: all), got {args.max_tokens}")
+    if args.time_stride is not None and args.time_stride < 1:
+        raise DlmError(f"--time-stride must be ≥ 1, got {args.time_stride}")
     run = load_run(Path(args.run), args.device, use_ema=not args.no_ema)
+    if args.time_stride is not None:
+        if not run.family.discrete_time:
+            raise DlmError(f"--time-stride is for discrete-time runs (d3pm); {args.run} is a '{run.cfg.family}' run")
+        run.cfg.eval.time_stride = args.time_stride
+    if args.carry is not None:
+        if not hasattr(run.family, "set_carry"):
+            raise DlmError(f"--carry is for uniform-state runs (usdm); {args.run} is a '{run.cfg.family}' run")
+        run.family.set_carry(args.carry)
     settings = _sampler_settings(run, args.steps, args.temperature, args.top_k, args.top_p, args.sampler, args.overrides)
     answer_rows = _answer_rows(run, args.data, args.split, args.answers) if args.answers is not None else None
     if args.no_likelihood:
@@ -503,6 +521,18 @@ def cmd_lm_eval(args) -> int:
     return 0
 
 
+def cmd_bench_compare(args) -> int:
+    """``dlm bench compare``: every model of a compare config over several seeds, one report (dlm.bench)."""
+    import shlex
+
+    from dlm.bench.compare import run_compare
+    from dlm.bench.spec import load_spec
+
+    spec = load_spec(args.config, args.overrides, args.models, args.seeds, args.unique_tokens, args.epochs)
+    command = "dlm " + shlex.join(sys.argv[1:] if args.argv is None else args.argv)
+    return run_compare(spec, Path(args.out), command, progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlm", description="Diffusion language models and their autoregressive baseline.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -510,9 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model into a run folder")
     t.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
     t.add_argument("--config", help="YAML config file, or the name of a shipped config (e.g. quickstart)")
-    t.add_argument("--family", help="mdlm | usdm | ar")
+    t.add_argument("--family", help="mdlm | usdm | d3pm | ar")
     t.add_argument("--objective", help="the family's objective (mdlm: nelbo | nelbo-count | llada; "
-                   "usdm: nelbo | naive | sddlm | sddlm-v1 | sddlm-v2; ar: ce)")
+                   "usdm: nelbo | naive | sddlm | sddlm-v1 | sddlm-v2; d3pm: hybrid; ar: ce)")
     t.add_argument("--schedule", help="loglinear | linear | cosine | geometric")
     t.add_argument("--data", help="built-in corpus (shakespeare), file, folder, wikitext-103 | openwebtext | lm1b | text8, or hf:REPO[:CONFIG]")
     t.add_argument("--tokenizer", help="char | byte | bpe | gpt2")
@@ -528,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-budget", type=float, help="stop after this many seconds (LR schedule follows time)")
     t.add_argument("--parallel", choices=["ddp", "fsdp"],
                    help="under torchrun: ddp (default) or fsdp (FSDP2: weights, gradients, optimiser and EMA sharded)")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the transformer blocks (compile time reported apart; --resume may switch it)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     t.add_argument("--init-from", help="fine-tune: start from this run's weights, config and tokenizer (fresh optimiser)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -542,6 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mc-samples", type=int, help="diffusion: Monte Carlo time samples per sequence")
     e.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens (0: all)")
     e.add_argument("--batch-size", type=int)
+    e.add_argument("--time-stride", type=int, help="d3pm: the bound of the T/K-step model (every K-th step term; "
+                   "default: the run's eval.time_stride)")
+    e.add_argument("--carry", type=float, help="usdm: bound the model whose x_θ = (1 − λ)·softmax + λ·e_{x_t} "
+                   "(λ in [0, 1); default 0, the network's own x_θ; docs/uniform.md)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
     e.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
@@ -598,6 +634,22 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--device", default="auto")
     le.add_argument("--json", action="store_true", help="print lm-eval's result dict as JSON")
     le.set_defaults(func=cmd_lm_eval)
+
+    b = sub.add_parser("bench", help="benchmarks: compare (AR against every diffusion family, over seeds)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bc = bsub.add_parser("compare", help="train every model of a compare config over N seeds, evaluate them the "
+                         "same way, and write report.md, results.json and plots")
+    bc.add_argument("--config", help="compare config file or shipped name (default: compare; also compare-char, "
+                    "compare-thesis, compare-data-constrained)")
+    bc.add_argument("--out", default="runs/compare", help="comparison folder (default runs/compare); rerun to resume")
+    bc.add_argument("--models", help="comma-separated subset of the config's models")
+    bc.add_argument("--seeds", help="a count N (seeds 0..N-1) or a comma-separated list")
+    bc.add_argument("--unique-tokens", type=int, help="data-constrained: train on the first N training tokens only")
+    bc.add_argument("--epochs", type=float, help="data-constrained: epochs over those tokens (train.steps follows)")
+    bc.add_argument("--quiet", action="store_true", help="no training progress bars")
+    bc.add_argument("overrides", nargs="*", help="key=value: run-config keys for every model (train.steps=200), "
+                    "compare.KEY for the comparison (compare.samples=8)")
+    bc.set_defaults(func=cmd_bench_compare)
     return p
 
 
@@ -610,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    args.argv = argv  # the command as typed, for reports (None: sys.argv)
     try:
         return args.func(args)
     except DlmError as e:

@@ -81,6 +81,8 @@ class DataConfig:
     vocab_size: int = setting(4096, lo=2)  # bpe only: size of the locally trained byte-level BPE
     seq_len: int = setting(128, lo=2, hi=65536)
     val_fraction: float = setting(0.05, lo=0, hi=0.5, lo_open=True)
+    # > 0: train on only the first N tokens of the training split (data-constrained runs, epochs over them)
+    max_train_tokens: int = setting(0, lo=0)
 
 
 @dataclass
@@ -111,6 +113,9 @@ class TrainConfig:
     # > 0: the output layer and the loss run this many sequences at a time under activation
     # checkpointing, so a large vocabulary's (B, L, V) float32 logits never exist at once
     loss_chunk_rows: int = setting(0, lo=0)
+    # torch.compile each transformer block (inductor); the first step's wall time, compilation
+    # included, is reported apart as compile_s and kept out of tokens/s
+    compile: bool = False
     init_from: str | None = None  # fine-tune: start from this run's weights (fresh optimiser); set by --init-from
 
 
@@ -119,6 +124,10 @@ class EvalConfig:
     mc_samples: int = setting(4, lo=1)  # diffusion: Monte Carlo samples per sequence for the bound
     max_tokens: int = setting(65536, lo=0)  # validation tokens evaluated (0: all)
     batch_size: int = setting(32, lo=1)
+    # discrete-time families (d3pm): evaluate every k-th of the T step terms — the exact NELBO
+    # of the model that takes T/k steps (what ``sampler.steps`` = T/k samples from), not an
+    # estimate of the T-step one; 1: every term
+    time_stride: int = setting(1, lo=1)
 
 
 @dataclass
@@ -140,6 +149,9 @@ class RunConfig:
     family: str = "mdlm"
     schedule: str = "loglinear"
     time_conditioning: bool | None = None  # None: the family's default
+    # the forward process, for families that offer more than one (d3pm: absorbing | uniform);
+    # empty for the others, whose process is fixed
+    process: ComponentConfig = field(default_factory=ComponentConfig)
     objective: ComponentConfig = field(default_factory=ComponentConfig)
     sampler: ComponentConfig = field(default_factory=ComponentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -148,7 +160,10 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
+        out = _to_dict(self)
+        if self.process.name is None and not self.process.settings:
+            del out["process"]  # families with a fixed process: config.yaml as before
+        return out
 
 
 def _to_dict(obj: Any) -> Any:
@@ -170,7 +185,7 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(data, dict):
         return data
     data = dict(data)
-    for key in ("objective", "sampler"):
+    for key in ("process", "objective", "sampler"):
         if key in data and not isinstance(data[key], dict):
             data[key] = {"name": data[key]}
     if "sddlm" in data:
@@ -404,10 +419,12 @@ def build_config(config: str | None, overrides: list[str], flags: dict[str, Any]
         apply_dict(cfg, migrate(load_yaml(resolve_config_path(config))))
     family = cfg.family
     apply_overrides(cfg, overrides, flags)
-    named = any(o.split("=", 1)[0].split(".")[0] == "objective" for o in overrides) or flags.get("objective")
-    if cfg.family != family and not named:
-        # a config's objective is its own family's: another family takes its default
-        cfg.objective = ComponentConfig()
+    if cfg.family != family:
+        # a config's objective and process are its own family's: another family takes its defaults
+        for section in ("objective", "process"):
+            named = any(o.split("=", 1)[0].split(".")[0] == section for o in overrides) or flags.get(section)
+            if not named:
+                setattr(cfg, section, ComponentConfig())
     return finalize(cfg)
 
 

@@ -134,6 +134,7 @@ def evaluate_likelihood(
         "bound": family.is_bound,
         "conditional": clean is not None,
         "mc_samples": mc_samples if family.is_bound else 0,
+        **family.bound_info(),
     }
     if train_stream is not None:
         result.update(unigram_references(tokenizer, train_stream, blocks[target]))

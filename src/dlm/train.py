@@ -43,6 +43,7 @@ class TrainResult:
     loss: float
     params: int
     interrupted: str | None = None  # the signal's name when a signal stopped the run
+    compile_s: float = 0.0  # train.compile: this session's compiler check and first (compiling) step
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -99,6 +100,45 @@ def accumulate_gradients(family: Family, net: torch.nn.Module, model: torch.nn.M
         if p.grad is not None:
             p.grad.mul_(scale)
     return totals[0] / count
+
+
+def check_compile(device: torch.device) -> float:
+    """``train.compile``: make sure inductor can build kernels on ``device`` before any work
+    (raises DlmError); returns the seconds it took (inductor's import and a one-kernel build).
+
+    A C++ compiler is looked for first (inductor's CPU kernels are C++): a warm kernel cache
+    would let the probe pass without one, and the model's own kernels would then fail mid-run.
+    """
+    t0 = time.perf_counter()
+    try:
+        if device.type == "cpu":
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        probe = torch.compile(lambda x: x * 2 + 1, dynamic=False)
+        probe(torch.ones(4, device=device))
+    except Exception as e:  # any failure to build: inductor raises many kinds
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        need = "a C++ compiler (or set CXX)" if device.type == "cpu" else "Triton and a C compiler"
+        raise DlmError(f"--compile: torch.compile cannot build kernels for {device.type} on this machine "
+                       f"({first.strip()}); install {need}, or train without --compile") from None
+    return time.perf_counter() - t0
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``torch.compile`` each transformer block in place (``nn.Module.compile``).
+
+    Only the blocks: their shapes are fixed during training, while the output layer runs at
+    a varying number of scored positions (``score_mask``, ``head_fn`` chunks) that would
+    recompile. All blocks share one compiled graph (inductor treats the weights as inputs),
+    so compile time does not grow with depth. In place, the parameter names stay plain (no
+    ``_orig_mod.``): checkpoints, the EMA and the optimiser state are those of an eager run,
+    and FSDP2 then shards each compiled block as torchtitan does. A model without blocks
+    is compiled whole.
+    """
+    blocks = getattr(model, "blocks", None)
+    for module in blocks if blocks is not None else (model,):
+        module.compile()
 
 
 def load_init_weights(model: torch.nn.Module, source: Path) -> None:
@@ -203,15 +243,16 @@ def train(
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     try:
+        probe_s = check_compile(device) if cfg.train.compile else 0.0  # before any work
         # one writer per run folder: a second `--resume` of a run in use stops with one line
         with run_lock(Path(out)) if dist.is_main else contextlib.nullcontext():
-            return _train(cfg, Path(out), resume, progress and dist.is_main, data, device, dist)
+            return _train(cfg, Path(out), resume, progress and dist.is_main, data, device, dist, probe_s)
     finally:
         dist.shutdown()
 
 
 def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenData | None,
-           device: torch.device, dist: Dist) -> TrainResult:
+           device: torch.device, dist: Dist, probe_s: float = 0.0) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and not resume else None
     if data is None:
@@ -243,6 +284,8 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
         ckpt = load_checkpoint(out)
         shards = checkpoint_shards(out)  # the optimiser state of a run on several processes
         load_weights(model, ckpt.model, out)  # whole weights, before the strategy shards them
+    if cfg.train.compile:  # before the strategy wraps it: DDP and FSDP2 then see compiled blocks
+        compile_blocks(model)
     # DDP, FSDP2 or (one process) the model itself; FSDP2 shards `model` in place, so the
     # optimiser and the EMA below are built over its shards
     net = dist.wrap(model)
@@ -261,6 +304,9 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
     loader = BlockLoader(train_rows, cfg.train.batch_size * dist.world, cfg.train.seed, clean=train_clean)
 
     step, elapsed_before, tokens = 0, 0.0, 0
+    # the steps that compiled (the first of each compiled session): their time and tokens stay
+    # out of tokens/s; summed over the sessions of a resumed run
+    untimed_s, untimed_tokens = 0.0, 0
     if ckpt is not None:
         if ema is not None and ckpt.ema is not None:
             ema.shadow = dist.shard_like(ckpt.ema, ema.shadow)
@@ -281,6 +327,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
         except (KeyError, ValueError, RuntimeError) as e:
             raise DlmError(f"checkpoint in {out} does not fit this run: {e}") from None
         step, elapsed_before, tokens = ckpt.step, float(st["elapsed_s"]), int(st["tokens"])
+        untimed_s, untimed_tokens = float(st.get("untimed_s", 0.0)), int(st.get("untimed_tokens", 0))
         if step >= cfg.train.steps:
             raise DlmError(f"{out} already finished {step} steps; pass a larger --steps to train further")
     elif dist.is_main:
@@ -295,6 +342,8 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "elapsed_s": elapsed_before + (time.perf_counter() - t_start),
             "tokens": tokens,
+            "untimed_s": untimed_s,
+            "untimed_tokens": untimed_tokens,
         }
 
     def checkpoint() -> None:
@@ -322,6 +371,10 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
     )
     t_start = time.perf_counter()
     window_loss, window_steps, window_t, last_loss = 0.0, 0, t_start, float("nan")
+    window_tokens = 0  # tokens trained since window_t (the compiling step's not counted)
+    # compiling: the next step is the session's first compiled one; unlogged: its compile_s is
+    # not yet in metrics.jsonl
+    compiling, unlogged, compile_s = cfg.train.compile, False, 0.0
     diverged = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss since the last check
     checked = step  # the last step whose losses were all seen finite
     last_step_loss: torch.Tensor | None = None
@@ -347,6 +400,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
                 lr = lr_at(cfg, step, prog)
                 for group in opt.param_groups:
                     group["lr"] = lr
+                t_step = time.perf_counter()
                 noise = generator(device, step_seed(cfg.train.seed, step))
                 batches = (loader.next_batch().to(device, non_blocking=True) for _ in range(cfg.train.grad_accum))
                 step_loss = accumulate_gradients(family, net, model, batches, noise, dist, device)
@@ -362,27 +416,37 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
                     ema.update(model, step)
                 window_loss = window_loss + step_loss
                 window_steps += 1
+                window_tokens += tokens_per_step
                 last_step_loss = step_loss
                 bar.update(1)
+                if compiling:  # this step built the kernels: compile time, reported apart, not throughput
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # the step's kernels too, not only their launch
+                    window_t = time.perf_counter()
+                    untimed_s, untimed_tokens = untimed_s + window_t - t_step, untimed_tokens + tokens_per_step
+                    compile_s, window_tokens, unlogged = probe_s + window_t - t_step, 0, True
                 now = time.perf_counter()
                 logging = step % cfg.train.log_every == 0 or step == cfg.train.steps
                 if logging:
                     check_finite()
-                    tps = window_steps * tokens_per_step / max(now - window_t, 1e-9)
                     rec = {
                         "step": step,
                         "loss": float(window_loss) / window_steps,
                         "lr": lr,
                         "grad_norm": float(grad_norm),
                         "tokens": tokens,
-                        "tokens_per_s": tps,
-                        **({"mfu": mfu(tps, per_token, peak)} if peak else {}),
                         "elapsed_s": elapsed_before + now - t_start,
                     }
+                    if unlogged:
+                        rec["compile_s"], unlogged = compile_s, False
+                    if window_tokens:  # none when the window held only the compiling step
+                        tps = window_tokens / max(now - window_t, 1e-9)
+                        rec.update({"tokens_per_s": tps, **({"mfu": mfu(tps, per_token, peak)} if peak else {})})
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}",
+                                        **({"mfu": f"{rec['mfu']:.1%}"} if peak else {}), refresh=False)
                     metrics.write(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}",
-                                    **({"mfu": f"{rec['mfu']:.1%}"} if peak else {}), refresh=False)
-                    window_loss, window_steps, window_t = 0.0, 0, now
+                    window_loss, window_steps, window_tokens, window_t = 0.0, 0, 0, now
+                compiling = False
                 if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0:
                     check_finite()
                     checkpoint()
@@ -408,12 +472,15 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, data: TokenD
         bar.close()
         metrics.close()
     elapsed = elapsed_before + time.perf_counter() - t_start
+    if tokens <= untimed_tokens:  # only compiling steps: nothing else to time them by
+        untimed_s, untimed_tokens = 0.0, 0
     return TrainResult(
         step=step,
         elapsed_s=elapsed,
         tokens=tokens,
-        tokens_per_s=tokens / max(elapsed, 1e-9),
+        tokens_per_s=(tokens - untimed_tokens) / max(elapsed - untimed_s, 1e-9),
         loss=last_loss,
         params=params,
         interrupted=stopped_by,
+        compile_s=compile_s,
     )

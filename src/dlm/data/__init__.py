@@ -94,8 +94,16 @@ def prepare_data(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> TokenDa
     """
     TOKENIZERS.get(cfg.tokenizer)  # an unknown name fails before any data is read
     if is_pairs_data(cfg.data):
+        if cfg.max_train_tokens:
+            raise DlmError("data.max_train_tokens applies to text data, not to prompt/response pairs")
         return _prepare_pairs(cfg, tokenizer)
     corpus = load_corpus(cfg.data, cfg.val_fraction)
     tok = tokenizer or build_tokenizer(cfg.tokenizer, corpus, cfg.vocab_size, cfg.val_fraction)
     folder = tokenize_cached(corpus, tok, cfg.val_fraction)
-    return TokenData(tok, open_stream(folder, "train"), open_stream(folder, "val"), identity=data_identity(corpus.fingerprint))
+    train = open_stream(folder, "train")
+    if cfg.max_train_tokens:
+        if cfg.max_train_tokens > len(train):
+            raise DlmError(f"data.max_train_tokens is {cfg.max_train_tokens:,} but the training split of "
+                           f"'{cfg.data}' has only {len(train):,} tokens")
+        train = train[: cfg.max_train_tokens]  # the first N tokens: the tokenizer and validation split stay the same
+    return TokenData(tok, train, open_stream(folder, "val"), identity=data_identity(corpus.fingerprint))

@@ -3,6 +3,7 @@
 from dlm.config import RunConfig
 from dlm.families.autoregressive import Autoregressive
 from dlm.families.base import Family
+from dlm.families.d3pm import D3PM
 from dlm.families.mdlm import MDLM
 from dlm.families.usdm import USDM
 from dlm.registry import Registry
@@ -11,6 +12,7 @@ FAMILIES: Registry[type[Family]] = Registry("family")
 FAMILIES.register("mdlm")(MDLM)
 FAMILIES.register("ar")(Autoregressive)
 FAMILIES.register("usdm")(USDM)
+FAMILIES.register("d3pm")(D3PM)
 
 
 def resolve_components(cfg: RunConfig) -> None:
@@ -19,4 +21,4 @@ def resolve_components(cfg: RunConfig) -> None:
     FAMILIES.get(cfg.family).resolve(cfg)
 
 
-__all__ = ["FAMILIES", "Family", "MDLM", "Autoregressive", "USDM", "resolve_components"]
+__all__ = ["FAMILIES", "Family", "MDLM", "Autoregressive", "USDM", "D3PM", "resolve_components"]

@@ -54,6 +54,11 @@ class Family(ABC):
     samplers: ClassVar[Registry]
     default_objective: ClassVar[str]
     default_sampler: ClassVar[str] = "ancestral"
+    # families that offer several forward processes (the run config's ``process:`` section);
+    # None: the process is fixed and the section must stay empty
+    processes: ClassVar[Registry | None] = None
+    default_process: ClassVar[str | None] = None
+    discrete_time: ClassVar[bool] = False  # True: ``eval.time_stride`` applies
 
     def __init__(self, cfg: RunConfig, vocab_size: int, eos_id: int):
         self.cfg = cfg
@@ -77,8 +82,17 @@ class Family(ABC):
         record every setting (defaults included) in it."""
         cls.check_config(cfg)
         resolve_size(cfg.model)  # an unknown size or heads that do not split d_model: before any data is read
-        for section, registry, default in (("objective", cls.objectives, cls.default_objective),
-                                           ("sampler", cls.samplers, cls.default_sampler)):
+        sections = [("objective", cls.objectives, cls.default_objective),
+                    ("sampler", cls.samplers, cls.default_sampler)]
+        if cls.processes is not None:
+            sections.insert(0, ("process", cls.processes, cls.default_process))
+        elif cfg.process.name is not None or cfg.process.settings:
+            raise DlmError(f"family '{cls.name}' has one forward process: drop the process section "
+                           f"(process: is for families that offer several, e.g. d3pm)")
+        if cfg.eval.time_stride != 1 and not cls.discrete_time:
+            raise DlmError(f"eval.time_stride is for discrete-time families (d3pm); '{cls.name}' is "
+                           f"continuous-time: drop it")
+        for section, registry, default in sections:
             comp: ComponentConfig = getattr(cfg, section)
             _, settings = component_settings(registry, comp, default, section)
             comp.name = comp.name or default
@@ -112,6 +126,10 @@ class Family(ABC):
                 activation_checkpointing=self.cfg.model.activation_checkpointing,
             )
         )
+
+    def bound_info(self) -> dict:
+        """What ``dlm eval`` should say about the bound beyond its Monte Carlo samples."""
+        return {}
 
     def network_steps(self, settings: SamplerSettings, length: int) -> int:
         """The denoising steps a sample of ``length`` tokens takes under ``settings``."""

@@ -28,8 +28,12 @@ class DiffusionFamily(Family):
 
     def __init__(self, cfg, vocab_size, eos_id):
         super().__init__(cfg, vocab_size, eos_id)
-        self.process = self.process_cls(vocab_size, get_schedule(cfg.schedule))
+        self.process = self.make_process()
         self.bound: Objective = self.make_bound()
+
+    def make_process(self):
+        """The forward process (a family with a ``process:`` section builds the one it names)."""
+        return self.process_cls(self.vocab_size, get_schedule(self.cfg.schedule))
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -4,6 +4,7 @@ from dlm.registry import Registry
 from dlm.samplers.autoregressive import AutoregressiveSampler
 from dlm.samplers.base import (DiffusionSamplerSettings, Sampler, SamplerSettings, SamplingOptions, filter_logits,
                                sample_categorical)
+from dlm.samplers.d3pm_ancestral import D3PMAncestralSampler
 from dlm.samplers.fast_dllm import FastDllmSampler
 from dlm.samplers.llada import LLaDASampler
 from dlm.samplers.masked_ancestral import MaskedAncestralSampler
@@ -19,6 +20,9 @@ MASKED_SAMPLERS.register("fast-dllm")(FastDllmSampler)
 UNIFORM_SAMPLERS: Registry[type[Sampler]] = Registry("uniform-state diffusion sampler")
 UNIFORM_SAMPLERS.register("ancestral")(UniformAncestralSampler)
 
+D3PM_SAMPLERS: Registry[type[Sampler]] = Registry("d3pm sampler")
+D3PM_SAMPLERS.register("ancestral")(D3PMAncestralSampler)
+
 AR_SAMPLERS: Registry[type[Sampler]] = Registry("autoregressive sampler")
 AR_SAMPLERS.register("ancestral")(AutoregressiveSampler)
 
@@ -26,6 +30,7 @@ __all__ = [
     "MASKED_SAMPLERS",
     "UNIFORM_SAMPLERS",
     "AR_SAMPLERS",
+    "D3PM_SAMPLERS",
     "Sampler",
     "SamplerSettings",
     "DiffusionSamplerSettings",
