@@ -71,18 +71,15 @@ class D3PM(DiffusionFamily):
         return min(settings.steps, self.process.steps)
 
     def nll(self, model, batch, generator, mc_samples):
-        B, L = batch.x0.shape
+        B = batch.x0.shape[0]
         device = batch.x0.device
         T = self.process.steps
-        chunk = max(1, self.eval_chunk // (L * self.process.num_states))
         terms = torch.zeros(B, device=device, dtype=torch.float64)
         self.bound = self.make_bound()
         for i in self.eval_steps():
             t = torch.full((B,), i / T, device=device)
             for _ in range(mc_samples):  # draws of x_i ~ q(x_i | x0)
                 c = Corrupted(batch.x0, self.process.corrupt(batch.x0, t, generator, batch.fixed), t, batch.target)
-                for r in range(0, B, chunk):
-                    sl = slice(r, r + chunk)
-                    terms[sl] += self._score(self.bound, model, c.rows(sl), batch.rows(sl).attention_pad).nats.double()
+                terms += self.bound_nats(model, c, batch, width=self.process.num_states)
         prior = self.process.prior_kl() * batch.target.sum(-1).double()
         return prior + terms / mc_samples

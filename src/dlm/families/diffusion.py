@@ -79,17 +79,32 @@ class DiffusionFamily(Family):
         hide = batch.clean & drop[:, None]
         return dataclasses.replace(c, xt=hide_clean(c.xt, hide, hidden))
 
-    def nll(self, model, batch, generator, mc_samples):
+    def eval_rows(self, batch: int, length: int, width: int | None = None) -> int:
+        """Rows of a bound evaluated at once: ``eval_chunk`` elements of (rows, L, width), width
+        the vocabulary unless given; the whole batch when the family sets no ``eval_chunk``."""
+        if self.eval_chunk is None:
+            return batch
+        return max(1, self.eval_chunk // (length * (width or self.vocab_size)))
+
+    def bound_nats(self, model, c: Corrupted, batch: Batch, width: int | None = None) -> torch.Tensor:
+        """(B,) float64 nats of ``self.bound`` on ``c``, ``eval_rows`` rows at a time (a large
+        vocabulary's (rows, L, V) terms need not fit at once)."""
         B, L = batch.x0.shape
+        chunk = self.eval_rows(B, L, width)
+        out = torch.empty(B, device=batch.x0.device, dtype=torch.float64)
+        for r in range(0, B, chunk):
+            sl = slice(r, r + chunk)
+            out[sl] = self._score(self.bound, model, c.rows(sl), batch.rows(sl).attention_pad).nats.double()
+        return out
+
+    def nll(self, model, batch, generator, mc_samples):
+        B = batch.x0.shape[0]
         # per sequence, K antithetic draws (u_b + k/K) mod 1
         u = torch.rand(B, generator=generator, device=batch.x0.device)
         total = torch.zeros(B, device=batch.x0.device, dtype=torch.float64)
-        chunk = B if self.eval_chunk is None else max(1, self.eval_chunk // (L * self.vocab_size))
         for j in range(mc_samples):
             c = self.corrupt(self.bound, batch, (u + j / mc_samples) % 1.0, generator, EVAL_T_MIN)
-            for r in range(0, B, chunk):  # a large vocabulary's (rows, L, V) terms need not fit at once
-                sl = slice(r, r + chunk)
-                total[sl] += self._score(self.bound, model, c.rows(sl), batch.rows(sl).attention_pad).nats.double()
+            total += self.bound_nats(model, c, batch)
         scale = 1.0 if getattr(self.bound, "exact_count", False) else 1.0 - EVAL_T_MIN  # ∫_{t_min}^1 = (1 − t_min)·E_t
         return scale * total / mc_samples
 

@@ -101,7 +101,7 @@ class USDM(DiffusionFamily):
         """log x_θ(x^l | x) (N,) float64 at the N true positions of ``where`` (B, L), a chunk of
         rows at a time (a large vocabulary's (rows · L, V) logits need not fit at once)."""
         B, L = x.shape
-        chunk = max(1, self.eval_chunk // (L * self.vocab_size))
+        chunk = self.eval_rows(B, L)
         out = []
         for r in range(0, B, chunk):
             sl = slice(r, r + chunk)
