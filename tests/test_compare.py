@@ -3,6 +3,8 @@ a rerun retrains nothing finished, continues what was cut short and measures onl
 missing; data-constrained mode; bad input as one line before any training."""
 
 import json
+import sys
+
 import pytest
 import yaml
 
@@ -94,8 +96,11 @@ def test_compare_end_to_end_and_resume(tmp_path, judge_dir, capsys):
     del cache["parts"]["infill@4"]
     (out / "evals" / "mdlm-s0.json").write_text(json.dumps(cache))
     (out / "report.md").unlink()
-    code, _, err = run_cli(argv, capsys)
+    for name in PNGS:
+        (out / name).unlink()
+    code, _, err = run_cli([*argv, "compare.plots=false"], capsys)  # report and JSON only
     assert code == 0, err
+    assert not any((out / name).exists() for name in PNGS) and ".png" not in (out / "report.md").read_text()
     assert "training" not in err and "continuing" not in err  # nothing retrained
     assert "mdlm-s0: masked-token completion, spans of 4" in err and "likelihood" not in err  # only the missing part
     assert {name: ckpt_files(out / "runs" / name) for name in before} == before
@@ -151,6 +156,17 @@ def test_bad_input_is_one_line_before_training(tmp_path, judge_dir, capsys, extr
     code, _, err = run_cli(["bench", "compare", "--config", str(cfg), "--out", str(out), *extra], capsys)
     one_line_error(code, err, fragment)
     assert not (out / "runs").exists()
+
+
+def test_missing_matplotlib_is_one_line_before_training(tmp_path, judge_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` meets where it is not installed
+    cfg = write_config(tmp_path / "c.yaml", judge_dir)
+    out = tmp_path / "cmp"
+    code, _, err = run_cli(["bench", "compare", "--config", str(cfg), "--out", str(out)], capsys)
+    one_line_error(code, err, "pip install 'dlm[bench]', or pass compare.plots=false")
+    assert not out.exists()
+    code, _, err = run_cli(["bench", "compare", "--config", str(cfg), "--out", str(out), "compare.plots=maybe"], capsys)
+    one_line_error(code, err, "compare.plots")
 
 
 def test_bad_config_and_out_folders(tmp_path, judge_dir, capsys):

@@ -238,13 +238,15 @@ def run_compare(spec: Spec, out: Path, command: str, progress: bool = True) -> i
 
 
 def _run(spec: Spec, out: Path, command: str, progress: bool) -> int:
-    from dlm.bench.plots import write_plots
+    from dlm.bench.plots import require_matplotlib, write_plots
     from dlm.bench.report import build_results, write_report
     from dlm.data import prepare_data
     from dlm.judge import load_judge
     from dlm.train import train
 
     t0 = time.perf_counter()
+    if spec.settings.plots:
+        require_matplotlib()  # not after an hour of training
     check_out(out)
     datas = {}
     for model in spec.models:  # tokenise once; bad data (or too few tokens) fails before any training
@@ -272,7 +274,7 @@ def _run(spec: Spec, out: Path, command: str, progress: bool) -> int:
                 return 130 if result.interrupted == "SIGINT" else 143
         per_run[unit.name] = evaluate_unit(unit, spec, out, data, judge, tag)
     results = build_results(spec, units, per_run, command, time.perf_counter() - t0)
-    plots = write_plots(results, units, out)
+    plots = write_plots(results, units, out) if spec.settings.plots else []
     write_report(results, plots, out)
     say(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {out / 'report.md'}")
     return 0

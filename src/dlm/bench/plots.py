@@ -8,14 +8,25 @@ from pathlib import Path
 
 import numpy as np
 
+from dlm.errors import DlmError
+
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise DlmError("dlm bench compare draws its plots with matplotlib, which is not installed: "
+                       "pip install 'dlm[bench]', or pass compare.plots=false") from None
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def require_matplotlib() -> None:
+    """Fail with one line before any training when the plots cannot be drawn at the end."""
+    _pyplot()
 
 
 def write_plots(results: dict, units, out: Path) -> list[str]:

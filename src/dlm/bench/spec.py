@@ -49,6 +49,7 @@ class CompareSettings:
     unique_tokens: int = setting(0, lo=0)  # > 0: data-constrained mode, train on the first N tokens only
     epochs: float = setting(0.0, lo=0)  # with unique_tokens: epochs over them (train.steps follows)
     epoch_marks: list[float] = field(default_factory=list)  # epochs where validation bits are measured (empty: 1, 2, 4, …)
+    plots: bool = True  # PNG plots beside report.md (matplotlib: pip install 'dlm[bench]'); false: report and JSON only
 
 
 @dataclass
