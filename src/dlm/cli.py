@@ -225,6 +225,8 @@ def _format_eval(r: dict) -> str:
     kind = "upper bound (NELBO, %d MC samples)" % r["mc_samples"] if r["bound"] else "exact"
     if "bound_steps" in r:  # discrete time: which model's bound (every step, or a stride of them)
         kind += f", {r['bound_steps']}-step model (T = {r['process_steps']}, stride {r['time_stride']})"
+    if r.get("log_t_share"):  # importance sampling of small t
+        kind += f", {r['log_t_share']:.0%} of t log-uniform"
     if r.get("carry"):  # usdm: the bound of another x_θ than the network's softmax (docs/uniform.md)
         kind += f", x_θ = {r['x_theta']}"
     lines = [
@@ -269,7 +271,14 @@ def cmd_eval(args) -> int:
         raise DlmError(f"--max-tokens must be ≥ 0 (0: all), got {args.max_tokens}")
     if args.time_stride is not None and args.time_stride < 1:
         raise DlmError(f"--time-stride must be ≥ 1, got {args.time_stride}")
+    if args.log_t_share is not None and not 0.0 <= args.log_t_share < 1.0:  # NaN too
+        raise DlmError(f"--log-t-share must be in [0, 1), got {args.log_t_share}")
     run = load_run(Path(args.run), args.device, use_ema=not args.no_ema)
+    if args.log_t_share is not None:
+        if not run.family.bound_draws_time(run.cfg):
+            raise DlmError(f"--log-t-share is for bounds integrated over a random time (usdm, mdlm with time "
+                           f"conditioning); {args.run}'s {run.family.bound_kind(run.cfg)}")
+        run.cfg.eval.log_t_share = args.log_t_share
     if args.time_stride is not None:
         if not run.family.discrete_time:
             raise DlmError(f"--time-stride is for discrete-time runs (d3pm); {args.run} is a '{run.cfg.family}' run")
@@ -578,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the run's eval.time_stride)")
     e.add_argument("--carry", type=float, help="usdm: bound the model whose x_θ = (1 − λ)·softmax + λ·e_{x_t} "
                    "(λ in [0, 1); default 0, the network's own x_θ; docs/uniform.md)")
+    e.add_argument("--log-t-share", type=float, help="usdm, mdlm with time conditioning: the share of Monte Carlo "
+                   "times drawn log-uniformly on [1e-5, 1], importance-weighted (in [0, 1); default: the run's "
+                   "eval.log_t_share, else the family's: usdm 0.25, mdlm 0)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
     e.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")

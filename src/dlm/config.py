@@ -128,6 +128,10 @@ class EvalConfig:
     # of the model that takes T/k steps (what ``sampler.steps`` = T/k samples from), not an
     # estimate of the T-step one; 1: every term
     time_stride: int = setting(1, lo=1)
+    # continuous-time bounds: the share of the Monte Carlo times drawn log-uniformly on [1e-5, 1]
+    # instead of uniformly, each draw weighted by 1/q(t) so the estimate keeps its expectation
+    # (importance sampling of small t); None: the family's default (usdm 0.25, mdlm 0)
+    log_t_share: float | None = setting(None, lo=0, hi=1, hi_open=True)
 
 
 @dataclass

@@ -66,6 +66,8 @@ def likelihood_kind(lik: dict) -> str:
     if not lik["bound"]:
         return "exact NLL"
     words = f"upper bound (NELBO), {lik['mc_samples']} Monte Carlo draw{'s' if lik['mc_samples'] > 1 else ''} per sequence"
+    if lik.get("log_t_share"):
+        words += f", {lik['log_t_share']:.0%} of them log-uniform in t (importance-weighted)"
     if "time_stride" in lik:
         words += (f", {lik['bound_steps']} of the T = {lik['process_steps']} step terms (every {lik['time_stride']}th: "
                   f"the bound of the {lik['bound_steps']}-step model)")

@@ -77,6 +77,17 @@ class Family(ABC):
         """Refuse settings this family cannot honour (one line, before any work)."""
 
     @classmethod
+    def bound_draws_time(cls, cfg: RunConfig) -> bool:
+        """Whether ``dlm eval``'s figure is a Monte Carlo integral over a random time t (then
+        ``eval.log_t_share`` applies)."""
+        return False
+
+    @classmethod
+    def bound_kind(cls, cfg: RunConfig) -> str:
+        """How the figure is computed, in words, for a message that refuses a setting."""
+        return "likelihood is exact"
+
+    @classmethod
     def resolve(cls, cfg: RunConfig) -> None:
         """Check the config's objective and sampler sections against their components and
         record every setting (defaults included) in it."""
@@ -89,6 +100,9 @@ class Family(ABC):
         elif cfg.process.name is not None or cfg.process.settings:
             raise DlmError(f"family '{cls.name}' has one forward process: drop the process section "
                            f"(process: is for families that offer several, e.g. d3pm)")
+        if cfg.eval.log_t_share is not None and not cls.bound_draws_time(cfg):
+            raise DlmError(f"eval.log_t_share is for bounds integrated over a time drawn at random (usdm, mdlm with "
+                           f"time conditioning); this '{cls.name}' run's {cls.bound_kind(cfg)}: drop it")
         if cfg.eval.time_stride != 1 and not cls.discrete_time:
             raise DlmError(f"eval.time_stride is for discrete-time families (d3pm); '{cls.name}' is "
                            f"continuous-time: drop it")

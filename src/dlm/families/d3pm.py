@@ -63,6 +63,14 @@ class D3PM(DiffusionFamily):
         """The steps whose terms the bound sums: T, T − k, …, > 0 (the last one ends at 0)."""
         return list(range(self.process.steps, 0, -self.cfg.eval.time_stride))
 
+    @classmethod
+    def bound_draws_time(cls, cfg) -> bool:
+        return False
+
+    @classmethod
+    def bound_kind(cls, cfg) -> str:
+        return "bound is a sum over its T step terms (eval.time_stride picks them)"
+
     def bound_info(self):
         return {"process_steps": self.process.steps, "time_stride": self.cfg.eval.time_stride,
                 "bound_steps": len(self.eval_steps())}

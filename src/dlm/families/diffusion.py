@@ -13,7 +13,7 @@ import torch
 from dlm.batch import Batch
 from dlm.families.base import Family
 from dlm.objectives import Corrupted, Objective, Scored
-from dlm.processes import low_discrepancy
+from dlm.processes import log_uniform_mix, low_discrepancy, mix_density
 from dlm.samplers.guidance import Guided, hidden_tokens, hide_clean
 from dlm.schedules import get_schedule
 
@@ -25,6 +25,8 @@ class DiffusionFamily(Family):
     process_cls: ClassVar[type]
     # a bound's (rows · L · V) logits evaluated at once in ``nll``; None: the whole batch
     eval_chunk: ClassVar[int | None] = None
+    # the share of the bound's Monte Carlo times drawn log-uniformly when ``eval.log_t_share`` is unset
+    default_log_t_share: ClassVar[float] = 0.0
 
     def __init__(self, cfg, vocab_size, eos_id):
         super().__init__(cfg, vocab_size, eos_id)
@@ -97,16 +99,41 @@ class DiffusionFamily(Family):
             out[sl] = self._score(self.bound, model, c.rows(sl), batch.rows(sl).attention_pad).nats.double()
         return out
 
+    @classmethod
+    def bound_draws_time(cls, cfg) -> bool:
+        return True
+
+    @property
+    def log_t_share(self) -> float:
+        """The share of the bound's times drawn log-uniformly (``eval.log_t_share``, or the
+        family's default when unset); 0 for a bound estimated over masked-token counts."""
+        if getattr(self.bound, "exact_count", False):
+            return 0.0
+        share = self.cfg.eval.log_t_share
+        return self.default_log_t_share if share is None else share
+
+    def bound_info(self) -> dict:
+        return {} if getattr(self.bound, "exact_count", False) else {"log_t_share": self.log_t_share}
+
     def nll(self, model, batch, generator, mc_samples):
         B = batch.x0.shape[0]
         # per sequence, K antithetic draws (u_b + k/K) mod 1
         u = torch.rand(B, generator=generator, device=batch.x0.device)
         total = torch.zeros(B, device=batch.x0.device, dtype=torch.float64)
+        by_count = getattr(self.bound, "exact_count", False)  # an expectation over counts, not a time integral
+        share = self.log_t_share
         for j in range(mc_samples):
-            c = self.corrupt(self.bound, batch, (u + j / mc_samples) % 1.0, generator, EVAL_T_MIN)
-            total += self.bound_nats(model, c, batch)
-        scale = 1.0 if getattr(self.bound, "exact_count", False) else 1.0 - EVAL_T_MIN  # ∫_{t_min}^1 = (1 − t_min)·E_t
-        return scale * total / mc_samples
+            v = (u + j / mc_samples) % 1.0
+            if by_count:
+                c = self.corrupt(self.bound, batch, v, generator, EVAL_T_MIN)
+                total += self.bound_nats(model, c, batch)
+                continue
+            # ∫_{t_min}^1 f dt = E_q[f(t)/q(t)]: t from a uniform / log-uniform mixture (share 0: uniform,
+            # weight 1 − t_min); the weight is taken at the time the corruption actually used
+            t, _ = log_uniform_mix(v, share, EVAL_T_MIN)
+            c = self.corrupt(self.bound, batch, ((t - EVAL_T_MIN) / (1.0 - EVAL_T_MIN)).float(), generator, EVAL_T_MIN)
+            total += self.bound_nats(model, c, batch) / mix_density(c.t.double(), share, EVAL_T_MIN)
+        return total / mc_samples
 
     def sample(self, model, given, clean, generator, settings=None):
         sampler = self.sampler(settings)

@@ -21,6 +21,14 @@ class MDLM(DiffusionFamily):
     samplers = MASKED_SAMPLERS
     default_objective = "nelbo"
 
+    @classmethod
+    def bound_draws_time(cls, cfg) -> bool:
+        return cls.default_time_conditioning if cfg.time_conditioning is None else cfg.time_conditioning
+
+    @classmethod
+    def bound_kind(cls, cfg) -> str:
+        return "bound is estimated over the number of masked tokens (no time conditioning)"
+
     def make_bound(self):
         # Without time conditioning the continuous-time NELBO does not depend on the schedule,
         # and its estimate over the number of masked tokens (CountNelbo) has the same

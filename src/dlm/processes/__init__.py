@@ -2,7 +2,7 @@
 (``DiffusionFamily.process_cls``); a family that offers several chooses by the run config's
 ``process:`` section from its registry here."""
 
-from dlm.processes.base import Process, low_discrepancy
+from dlm.processes.base import Process, log_uniform_mix, low_discrepancy, mix_density
 from dlm.processes.discrete import AbsorbingD3PM, UniformD3PM
 from dlm.processes.masked import MaskedProcess
 from dlm.processes.uniform import UniformProcess
@@ -13,4 +13,4 @@ D3PM_PROCESSES.register("absorbing")(AbsorbingD3PM)
 D3PM_PROCESSES.register("uniform")(UniformD3PM)
 
 __all__ = ["Process", "MaskedProcess", "UniformProcess", "AbsorbingD3PM", "UniformD3PM", "D3PM_PROCESSES",
-           "low_discrepancy"]
+           "low_discrepancy", "log_uniform_mix", "mix_density"]
