@@ -253,16 +253,24 @@ def gpu(args) -> None:
         raise SystemExit("run.py --gpu: no CUDA device here (torch.cuda.is_available() is False); "
                          "run it on a GPU machine")
     work = Path(tempfile.mkdtemp(prefix="dlm-speed-gpu-"))
+    dest = Path(os.environ["OUT"]) / "speed_gpu.json" if os.environ.get("OUT") else HERE / "results_gpu.json"
     rows = []
     variants = {"eager": [], "compile": ["--compile"],
                 "compile+chunk": ["--compile", f"train.loss_chunk_rows={args.gpu_chunk_rows}"]}
-    for family in ("ar", "mdlm", "usdm"):
+    for family in args.gpu_families.split(","):
         for name, extra in variants.items():
             out = work / f"{family}-{name}"
             argv = ["train", "--family", family, "--size", "small", *BIG_DATA, "--batch-size", str(args.gpu_batch),
                     "--steps", str(args.gpu_steps), "--seed", "0", "--out", str(out), "--quiet", "--json",
                     f"train.log_every={args.window}", *extra]
-            r = child("dlm", argv, threads=None)  # torch's own
+            try:  # one failing configuration (out of memory, a compiler error) must not lose the others
+                r = child("dlm", argv, threads=None)  # torch's own
+            except SystemExit as e:
+                rows.append({"family": family, "variant": name, "batch": args.gpu_batch, "seq_len": 1024,
+                             "error": str(e)[-2000:], "command": "dlm " + shlex.join(argv)})
+                print(f"{family:4s} {name:13s} failed: {str(e).splitlines()[-1] if str(e) else ''}", flush=True)
+                write_gpu(rows, dest)
+                continue
             metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             timed = [m for m in metrics[1:] if "tokens_per_s" in m]
             row = {"family": family, "variant": name, "batch": args.gpu_batch, "seq_len": 1024,
@@ -274,11 +282,14 @@ def gpu(args) -> None:
             mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
             print(f"{family:4s} {name:13s} {row['tokens_per_s']:10,.0f} tokens/s  MFU {mfu}  "
                   f"peak {row['cuda_peak_mb']:8.0f} MB", flush=True)
+            write_gpu(rows, dest)  # after every row: a run cut short by its time limit keeps what it measured
+    print(f"written to {dest}")
+
+
+def write_gpu(rows: list[dict], dest: Path) -> None:
     result = {"command": "python benchmarks/speed/run.py " + shlex.join(sys.argv[1:]), "machine": machine(),
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    dest = Path(os.environ["OUT"]) / "speed_gpu.json" if os.environ.get("OUT") else HERE / "results_gpu.json"
     dest.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"written to {dest}")
 
 
 def main() -> None:
@@ -301,9 +312,14 @@ def main() -> None:
     ap.add_argument("--gpu-batch", type=int, default=16)
     ap.add_argument("--gpu-steps", type=int, default=40)
     ap.add_argument("--gpu-chunk-rows", type=int, default=4)
+    ap.add_argument("--gpu-families", default="ar,mdlm,usdm",
+                    help="families measured by --gpu (split them over calls where one call's time is limited)")
     args = ap.parse_args()
     bad = [(n, v) for n, v in (("--repeats", args.repeats), ("--window", args.window), ("--threads", args.threads),
                                ("--gpu-batch", args.gpu_batch), ("--gpu-chunk-rows", args.gpu_chunk_rows)) if v < 1]
+    unknown = set(args.gpu_families.split(",")) - {"ar", "mdlm", "usdm"}
+    if unknown:
+        ap.error(f"--gpu-families takes ar, mdlm and usdm, got {', '.join(sorted(unknown))}")
     if bad or args.gpu_steps < 2 * args.window:
         ap.error(f"{bad[0][0]} must be ≥ 1" if bad else "--gpu-steps must be at least 2 × --window")
     if args.gpu:
