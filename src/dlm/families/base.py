@@ -65,8 +65,7 @@ class Family(ABC):
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self.check_config(cfg)
-        tc = cfg.time_conditioning
-        self.time_conditioned = self.default_time_conditioning if tc is None else tc
+        self.time_conditioned = self.time_conditioning_of(cfg)
         cls, settings = component_settings(self.objectives, cfg.objective, self.default_objective, "objective")
         self.objective: Objective = cls(settings)
         self.sampler_cls, self.sampler_settings = component_settings(
@@ -75,6 +74,13 @@ class Family(ABC):
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
         """Refuse settings this family cannot honour (one line, before any work)."""
+
+    @classmethod
+    def time_conditioning_of(cls, cfg: RunConfig) -> bool:
+        """Whether a run of ``cfg`` conditions the network on t (``time_conditioning``, else
+        the family's default)."""
+        tc = cfg.time_conditioning
+        return cls.default_time_conditioning if tc is None else tc
 
     @classmethod
     def bound_draws_time(cls, cfg: RunConfig) -> bool:

@@ -104,33 +104,37 @@ class DiffusionFamily(Family):
         return True
 
     @property
+    def bound_by_count(self) -> bool:
+        """The bound is an expectation over masked-token counts, not a time integral."""
+        return getattr(self.bound, "exact_count", False)
+
+    @property
     def log_t_share(self) -> float:
         """The share of the bound's times drawn log-uniformly (``eval.log_t_share``, or the
         family's default when unset); 0 for a bound estimated over masked-token counts."""
-        if getattr(self.bound, "exact_count", False):
+        if self.bound_by_count:
             return 0.0
         share = self.cfg.eval.log_t_share
         return self.default_log_t_share if share is None else share
 
     def bound_info(self) -> dict:
-        return {} if getattr(self.bound, "exact_count", False) else {"log_t_share": self.log_t_share}
+        return {} if self.bound_by_count else {"log_t_share": self.log_t_share}
 
     def nll(self, model, batch, generator, mc_samples):
         B = batch.x0.shape[0]
         # per sequence, K antithetic draws (u_b + k/K) mod 1
         u = torch.rand(B, generator=generator, device=batch.x0.device)
         total = torch.zeros(B, device=batch.x0.device, dtype=torch.float64)
-        by_count = getattr(self.bound, "exact_count", False)  # an expectation over counts, not a time integral
         share = self.log_t_share
         for j in range(mc_samples):
             v = (u + j / mc_samples) % 1.0
-            if by_count:
+            if self.bound_by_count:
                 c = self.corrupt(self.bound, batch, v, generator, EVAL_T_MIN)
                 total += self.bound_nats(model, c, batch)
                 continue
             # ∫_{t_min}^1 f dt = E_q[f(t)/q(t)]: t from a uniform / log-uniform mixture (share 0: uniform,
             # weight 1 − t_min); the weight is taken at the time the corruption actually used
-            t, _ = log_uniform_mix(v, share, EVAL_T_MIN)
+            t = log_uniform_mix(v, share, EVAL_T_MIN)
             c = self.corrupt(self.bound, batch, ((t - EVAL_T_MIN) / (1.0 - EVAL_T_MIN)).float(), generator, EVAL_T_MIN)
             total += self.bound_nats(model, c, batch) / mix_density(c.t.double(), share, EVAL_T_MIN)
         return total / mc_samples

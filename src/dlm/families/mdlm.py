@@ -23,7 +23,7 @@ class MDLM(DiffusionFamily):
 
     @classmethod
     def bound_draws_time(cls, cfg) -> bool:
-        return cls.default_time_conditioning if cfg.time_conditioning is None else cfg.time_conditioning
+        return cls.time_conditioning_of(cfg)  # without it the bound is over masked-token counts
 
     @classmethod
     def bound_kind(cls, cfg) -> str:

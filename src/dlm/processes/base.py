@@ -18,17 +18,17 @@ def low_discrepancy(batch: int, generator: torch.Generator, device) -> torch.Ten
     return (u + torch.arange(batch, device=device) / batch) % 1.0
 
 
-def log_uniform_mix(u: torch.Tensor, share: float, t_min: float) -> tuple[torch.Tensor, torch.Tensor]:
+def log_uniform_mix(u: torch.Tensor, share: float, t_min: float) -> torch.Tensor:
     """Times t on [t_min, 1] from uniform draws ``u`` (any shape), a ``share`` of them
-    log-uniform and the rest uniform, with the importance weight 1/q(t) of each, q the
-    mixture's density; so E[w(t) f(t)] = ∫_{t_min}^1 f(t) dt for any f. u < share maps to
+    log-uniform and the rest uniform; weighted by 1/q(t), q = :func:`mix_density`,
+    E[f(t)/q(t)] = ∫_{t_min}^1 f(t) dt for any f. u < share maps to
     the log-uniform part, the rest to the uniform one: stratified u stay stratified. For a
     uniform-state NELBO, whose integrand grows like log(1/t) near 0 — and like 1/(Vp + t)
     for a network that gives its input token a tiny probability p — this puts draws where the
     integral lies (docs/uniform.md, "Estimating the bound"); share = 0 is plain uniform
-    sampling with w = 1 − t_min.
+    sampling with weight 1 − t_min.
 
-    Returns (t, w) in float64."""
+    Returns t in float64."""
     u = u.double()
     log_range = math.log(1.0 / t_min)
     if share > 0:
@@ -37,7 +37,7 @@ def log_uniform_mix(u: torch.Tensor, share: float, t_min: float) -> tuple[torch.
         t = torch.where(u < share, t_log, t_uni)
     else:
         t = t_min + (1.0 - t_min) * u
-    return t, 1.0 / mix_density(t, share, t_min)
+    return t
 
 
 def mix_density(t: torch.Tensor, share: float, t_min: float) -> torch.Tensor:
