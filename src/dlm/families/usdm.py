@@ -112,5 +112,7 @@ class USDM(DiffusionFamily):
         for r in range(0, B, chunk):
             sl = slice(r, r + chunk)
             logits = model(x[sl], None if t is None else t[sl], score_mask=where[sl], pad=None if pad is None else pad[sl])
-            out.append(logits.float().log_softmax(-1).gather(-1, x[sl][where[sl]][:, None])[:, 0].double())
+            # at least float32 (a bf16 network's logits are upcast), float64 kept where the network runs in it
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            out.append(logits.log_softmax(-1).gather(-1, x[sl][where[sl]][:, None])[:, 0].double())
         return torch.cat(out)
