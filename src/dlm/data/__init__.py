@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlm.config import DataConfig
+from dlm.schema import DataConfig
 from dlm.data.cache import build_tokenizer, open_stream, tokenize_cached
 from dlm.data.corpora import Corpus, data_identity, hf_fingerprint, load_corpus, load_hf_dataset
 from dlm.data.loader import BlockLoader, as_blocks

@@ -1,6 +1,6 @@
 """Model families, registered by the name given to ``--family``."""
 
-from dlm.config import RunConfig
+from dlm.schema import RunConfig
 from dlm.families.autoregressive import Autoregressive
 from dlm.families.base import Family
 from dlm.families.d3pm import D3PM

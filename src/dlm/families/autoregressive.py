@@ -6,16 +6,14 @@ import torch
 
 from dlm.errors import DlmError
 from dlm.families.base import Family
-from dlm.objectives import AR_OBJECTIVES, Corrupted
-from dlm.samplers import AR_SAMPLERS
+from dlm.objectives import Corrupted
 
 
 class Autoregressive(Family):
     name = "ar"
     causal = True
     is_bound = False
-    objectives = AR_OBJECTIVES
-    samplers = AR_SAMPLERS
+    label = "autoregressive"
     default_objective = "ce"
 
     @classmethod

@@ -26,12 +26,14 @@ import torch
 
 from dlm.backbones import Transformer, TransformerConfig, resolve_size
 from dlm.batch import Batch
-from dlm.config import ComponentConfig, RunConfig, apply_dict, check_settings
+from dlm.schema import RunConfig
+from dlm.settings import ComponentConfig, apply_dict, check_settings
 from dlm.errors import DlmError
-from dlm.objectives import Corrupted, Objective, Scored
+from dlm.objectives import OBJECTIVES, Corrupted, Objective, Scored
 from dlm.objectives.chunked import chunked_score
-from dlm.registry import Registry
-from dlm.samplers import Sampler, SamplerSettings
+from dlm.processes import PROCESSES
+from dlm.registry import ProcessView, Registry
+from dlm.samplers import SAMPLERS, Sampler, SamplerSettings
 
 
 def component_settings(registry: Registry, comp: ComponentConfig, default: str, section: str) -> tuple[type, Any]:
@@ -47,18 +49,54 @@ def component_settings(registry: Registry, comp: ComponentConfig, default: str, 
 
 class Family(ABC):
     name: ClassVar[str]
+    label: ClassVar[str]  # in messages: "unknown masked-diffusion objective 'x'"
     causal: ClassVar[bool] = False
     is_bound: ClassVar[bool] = True  # False: ``nll`` is exact; True: an upper bound (NELBO)
     default_time_conditioning: ClassVar[bool] = False
-    objectives: ClassVar[Registry]
-    samplers: ClassVar[Registry]
+    # the run config's ``process:`` choices → names in ``dlm.processes.PROCESSES``; empty for a
+    # family without a forward process (its components are registered for the "causal" one)
+    process_choices: ClassVar[dict[str, str]] = {}
+    default_process: ClassVar[str | None] = None
     default_objective: ClassVar[str]
     default_sampler: ClassVar[str] = "ancestral"
-    # families that offer several forward processes (the run config's ``process:`` section);
-    # None: the process is fixed and the section must stay empty
-    processes: ClassVar[Registry | None] = None
-    default_process: ClassVar[str | None] = None
     discrete_time: ClassVar[bool] = False  # True: ``eval.time_stride`` applies
+    # set for each family class from the above (``__init_subclass__``): the components of its
+    # default process, and a registry of its process choices (None when the section must stay empty)
+    objectives: ClassVar[ProcessView]
+    samplers: ClassVar[ProcessView]
+    processes: ClassVar[Registry | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if getattr(cls, "label", None) is None:
+            return  # an abstract intermediate class
+        cls.objectives = cls.objectives_for()
+        cls.samplers = cls.samplers_for()
+        choices = cls.process_choices
+        has_settings = any(dataclasses.fields(PROCESSES.get(key).Settings) for key in choices.values())
+        if len(choices) > 1 or has_settings:
+            cls.processes = Registry(f"{cls.label} process")
+            for choice, key in choices.items():
+                cls.processes.register(choice)(PROCESSES.get(key))
+
+    @classmethod
+    def process_key(cls, cfg: RunConfig | None = None) -> str:
+        """The ``PROCESSES`` name of ``cfg``'s process (the default one without ``cfg``);
+        "causal" for a family without a forward process."""
+        if not cls.process_choices:
+            return "causal"
+        choice = (cfg.process.name if cfg is not None else None) or cls.default_process
+        if choice not in cls.process_choices:
+            cls.processes.get(choice)  # one line naming the choices
+        return cls.process_choices[choice]
+
+    @classmethod
+    def objectives_for(cls, cfg: RunConfig | None = None) -> ProcessView:
+        return OBJECTIVES.for_process(cls.process_key(cfg), f"{cls.label} objective")
+
+    @classmethod
+    def samplers_for(cls, cfg: RunConfig | None = None) -> ProcessView:
+        return SAMPLERS.for_process(cls.process_key(cfg), f"{cls.label} sampler")
 
     def __init__(self, cfg: RunConfig, vocab_size: int, eos_id: int):
         self.cfg = cfg
@@ -66,6 +104,8 @@ class Family(ABC):
         self.eos_id = eos_id
         self.check_config(cfg)
         self.time_conditioned = self.time_conditioning_of(cfg)
+        self.objectives = self.objectives_for(cfg)
+        self.samplers = self.samplers_for(cfg)
         cls, settings = component_settings(self.objectives, cfg.objective, self.default_objective, "objective")
         self.objective: Objective = cls(settings)
         self.sampler_cls, self.sampler_settings = component_settings(
@@ -95,14 +135,13 @@ class Family(ABC):
 
     @classmethod
     def resolve(cls, cfg: RunConfig) -> None:
-        """Check the config's objective and sampler sections against their components and
-        record every setting (defaults included) in it."""
+        """Check the config's process, objective and sampler sections against their components
+        and record every setting (defaults included) in it."""
         cls.check_config(cfg)
         resolve_size(cfg.model)  # an unknown size or heads that do not split d_model: before any data is read
-        sections = [("objective", cls.objectives, cls.default_objective),
-                    ("sampler", cls.samplers, cls.default_sampler)]
+        sections = []
         if cls.processes is not None:
-            sections.insert(0, ("process", cls.processes, cls.default_process))
+            sections.append(("process", cls.processes, cls.default_process))
         elif cfg.process.name is not None or cfg.process.settings:
             raise DlmError(f"family '{cls.name}' has one forward process: drop the process section "
                            f"(process: is for families that offer several, e.g. d3pm)")
@@ -112,7 +151,11 @@ class Family(ABC):
         if cfg.eval.time_stride != 1 and not cls.discrete_time:
             raise DlmError(f"eval.time_stride is for discrete-time families (d3pm); '{cls.name}' is "
                            f"continuous-time: drop it")
+        # the process first: the objective and sampler are looked up among those that serve it
+        sections += [("objective", None, cls.default_objective), ("sampler", None, cls.default_sampler)]
         for section, registry, default in sections:
+            if registry is None:
+                registry = cls.objectives_for(cfg) if section == "objective" else cls.samplers_for(cfg)
             comp: ComponentConfig = getattr(cfg, section)
             _, settings = component_settings(registry, comp, default, section)
             comp.name = comp.name or default

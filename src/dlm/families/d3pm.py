@@ -20,44 +20,23 @@ from __future__ import annotations
 
 import torch
 
-from dlm.families.base import component_settings
 from dlm.families.diffusion import DiffusionFamily
-from dlm.objectives import D3PM_OBJECTIVES, Corrupted
+from dlm.objectives import Corrupted
 from dlm.objectives.discrete import D3PMStepTerm
-from dlm.processes import D3PM_PROCESSES
-from dlm.samplers import D3PM_SAMPLERS
-from dlm.schedules import get_schedule
 
 
 class D3PM(DiffusionFamily):
     name = "d3pm"
     default_time_conditioning = True
     discrete_time = True
-    processes = D3PM_PROCESSES
+    label = "d3pm"
+    process_choices = {"absorbing": "d3pm-absorbing", "uniform": "d3pm-uniform"}
     default_process = "absorbing"
-    objectives = D3PM_OBJECTIVES
-    samplers = D3PM_SAMPLERS
     default_objective = "hybrid"
     eval_chunk = 1 << 25  # the bound holds a few (N, S) float64 tensors: ≤ 2^25 elements at a time
 
-    def make_process(self):
-        cls, settings = component_settings(self.processes, self.cfg.process, self.default_process, "process")
-        return cls(self.vocab_size, get_schedule(self.cfg.schedule), settings)
-
     def make_bound(self):
         return D3PMStepTerm(stride=self.cfg.eval.time_stride)  # rebuilt by ``nll``: the stride may change
-
-    def corrupt(self, objective, batch, frac, generator, t_min):
-        """x_i for a step i = ⌊frac·T⌋ + 1 ∈ {1, …, T} per row (``t`` = i/T); ``t_min`` is the
-        continuous families' and does not apply."""
-        T = self.process.steps
-        t = ((frac * T).floor().clamp_max(T - 1) + 1) / T
-        return Corrupted(batch.x0, self.process.corrupt(batch.x0, t, generator, batch.fixed), t, batch.target)
-
-    def _score(self, objective, model, c, pad):
-        where = c.target & self.process.predicted(c.xt)  # elsewhere the term is exactly 0
-        return self.score(objective, model, c, where, self.process, x=c.xt, t=c.t if self.time_conditioned else None,
-                          pad=pad)
 
     def eval_steps(self) -> list[int]:
         """The steps whose terms the bound sums: T, T − k, …, > 0 (the last one ends at 0)."""

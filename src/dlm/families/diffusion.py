@@ -11,9 +11,9 @@ from typing import ClassVar
 import torch
 
 from dlm.batch import Batch
-from dlm.families.base import Family
+from dlm.families.base import Family, component_settings
 from dlm.objectives import Corrupted, Objective, Scored
-from dlm.processes import log_uniform_mix, low_discrepancy, mix_density
+from dlm.processes import PROCESSES, Process, log_uniform_mix, low_discrepancy, mix_density
 from dlm.samplers.guidance import Guided, hidden_tokens, hide_clean
 from dlm.schedules import get_schedule
 
@@ -22,7 +22,6 @@ EVAL_T_MIN = 1e-5  # a bound estimated over t ∈ [EVAL_T_MIN, 1] omits ∫_0^{E
 
 
 class DiffusionFamily(Family):
-    process_cls: ClassVar[type]
     # a bound's (rows · L · V) logits evaluated at once in ``nll``; None: the whole batch
     eval_chunk: ClassVar[int | None] = None
     # the share of the bound's Monte Carlo times drawn log-uniformly when ``eval.log_t_share`` is unset
@@ -33,9 +32,13 @@ class DiffusionFamily(Family):
         self.process = self.make_process()
         self.bound: Objective = self.make_bound()
 
-    def make_process(self):
-        """The forward process (a family with a ``process:`` section builds the one it names)."""
-        return self.process_cls(self.vocab_size, get_schedule(self.cfg.schedule))
+    def make_process(self) -> Process:
+        """The process the run config names (``process:``, else the family's default), with its settings."""
+        cls = PROCESSES.get(self.process_key(self.cfg))
+        settings = None
+        if self.processes is not None:
+            _, settings = component_settings(self.processes, self.cfg.process, self.default_process, "process")
+        return cls(self.vocab_size, get_schedule(self.cfg.schedule), settings)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -51,11 +54,11 @@ class DiffusionFamily(Family):
 
     def corrupt(self, objective: Objective, batch: Batch, frac: torch.Tensor, generator, t_min: float) -> Corrupted:
         """x_t at times t = t_min + (1 − t_min)·frac for uniform draws ``frac`` (B,), target positions only."""
-        t = t_min + (1.0 - t_min) * frac
+        t = self.process.time(frac, t_min)
         return Corrupted(batch.x0, self.process.corrupt(batch.x0, t, generator, batch.fixed), t, batch.target)
 
     def _score(self, objective: Objective, model, c: Corrupted, pad) -> Scored:
-        where = objective.score_mask(c)  # (B, L)
+        where = objective.score_mask(c) & self.process.predicted(c.xt)  # (B, L); elsewhere nothing to score
         return self.score(objective, model, c, where, self.process, x=c.xt, t=c.t if self.time_conditioned else None,
                           pad=pad)
 
@@ -106,7 +109,7 @@ class DiffusionFamily(Family):
     @property
     def bound_by_count(self) -> bool:
         """The bound is an expectation over masked-token counts, not a time integral."""
-        return getattr(self.bound, "exact_count", False)
+        return self.bound.by_count
 
     @property
     def log_t_share(self) -> float:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from dlm.families.diffusion import DiffusionFamily
-from dlm.objectives import MASKED_OBJECTIVES, CountNelbo, Corrupted, MDLMNelbo
-from dlm.processes import MaskedProcess
-from dlm.samplers import MASKED_SAMPLERS
+from dlm.objectives import CountNelbo, Corrupted, MDLMNelbo
 
 
 class MDLM(DiffusionFamily):
@@ -16,9 +14,9 @@ class MDLM(DiffusionFamily):
 
     name = "mdlm"
     default_time_conditioning = False
-    process_cls = MaskedProcess
-    objectives = MASKED_OBJECTIVES
-    samplers = MASKED_SAMPLERS
+    label = "masked-diffusion"
+    process_choices = {"masked": "masked"}
+    default_process = "masked"
     default_objective = "nelbo"
 
     @classmethod
@@ -36,7 +34,7 @@ class MDLM(DiffusionFamily):
         return MDLMNelbo() if self.time_conditioned else CountNelbo()
 
     def corrupt(self, objective, batch, frac, generator, t_min):
-        if not objective.exact_count:
+        if not objective.by_count:
             return super().corrupt(objective, batch, frac, generator, t_min)
         target = batch.target
         n = target.sum(-1)  # (B,) target tokens per row

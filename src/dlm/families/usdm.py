@@ -20,17 +20,15 @@ import torch
 
 from dlm.errors import DlmError
 from dlm.families.diffusion import EVAL_T_MIN, DiffusionFamily
-from dlm.objectives import UNIFORM_OBJECTIVES, Corrupted, UniformNelbo, per_sequence
-from dlm.processes import UniformProcess
-from dlm.samplers import UNIFORM_SAMPLERS
+from dlm.objectives import Corrupted, UniformNelbo, per_sequence
 
 
 class USDM(DiffusionFamily):
     name = "usdm"
     default_time_conditioning = True
-    process_cls = UniformProcess
-    objectives = UNIFORM_OBJECTIVES
-    samplers = UNIFORM_SAMPLERS
+    label = "uniform-state diffusion"
+    process_choices = {"uniform": "uniform"}
+    default_process = "uniform"
     default_objective = "nelbo"
     eval_chunk = 1 << 26  # the NELBO holds a few (N, V) float32 tensors: ≤ 2^26 elements at a time
     # a quarter of the bound's times log-uniform on [1e-5, 1]: the integrand grows like log(1/t)

@@ -1,26 +1,29 @@
-"""Training objectives, one file per family, registered by name per family."""
+"""Training objectives, one file per kind of process, in one registry: each registered under
+its name for the processes it serves (``nelbo`` is one objective for masked diffusion and
+another for uniform-state diffusion). ``causal`` is the autoregressive family's (no process)."""
 
 from dlm.objectives.autoregressive import NextTokenCrossEntropy
-from dlm.objectives.discrete import D3PMHybrid
 from dlm.objectives.base import Corrupted, NoSettings, Objective, Scored, per_sequence
+from dlm.objectives.discrete import D3PMHybrid
 from dlm.objectives.masked import CountNelbo, LLaDACrossEntropy, MDLMNelbo
 from dlm.objectives.uniform import SDDLM, NaiveDenoising, SDDLMInputNegative, SDDLMRandomNegatives, UniformNelbo
-from dlm.registry import Registry
+from dlm.registry import ComponentRegistry
 
-MASKED_OBJECTIVES: Registry[type[Objective]] = Registry("masked-diffusion objective")
+OBJECTIVES: ComponentRegistry[type[Objective]] = ComponentRegistry("objective")
 for _objective in (MDLMNelbo, LLaDACrossEntropy, CountNelbo):
-    MASKED_OBJECTIVES.register(_objective.name)(_objective)
-
-UNIFORM_OBJECTIVES: Registry[type[Objective]] = Registry("uniform-state diffusion objective")
+    OBJECTIVES.register(_objective.name, processes=("masked",))(_objective)
 for _objective in (UniformNelbo, NaiveDenoising, SDDLM, SDDLMRandomNegatives, SDDLMInputNegative):
-    UNIFORM_OBJECTIVES.register(_objective.name)(_objective)
+    OBJECTIVES.register(_objective.name, processes=("uniform",))(_objective)
+OBJECTIVES.register("hybrid", processes=("d3pm-absorbing", "d3pm-uniform"))(D3PMHybrid)
+OBJECTIVES.register("ce", processes=("causal",))(NextTokenCrossEntropy)
 
-D3PM_OBJECTIVES: Registry[type[Objective]] = Registry("d3pm objective")
-D3PM_OBJECTIVES.register("hybrid")(D3PMHybrid)
+# the per-family views of earlier versions (a family reads its own through ``Family.objectives``)
+MASKED_OBJECTIVES = OBJECTIVES.for_process("masked", "masked-diffusion objective")
+UNIFORM_OBJECTIVES = OBJECTIVES.for_process("uniform", "uniform-state diffusion objective")
+D3PM_OBJECTIVES = OBJECTIVES.for_process("d3pm-absorbing", "d3pm objective")
+AR_OBJECTIVES = OBJECTIVES.for_process("causal", "autoregressive objective")
 
-AR_OBJECTIVES: Registry[type[Objective]] = Registry("autoregressive objective")
-AR_OBJECTIVES.register("ce")(NextTokenCrossEntropy)
-
-__all__ = ["MASKED_OBJECTIVES", "UNIFORM_OBJECTIVES", "D3PM_OBJECTIVES", "D3PMHybrid", "AR_OBJECTIVES", "Objective", "Corrupted", "Scored",
-           "NoSettings", "per_sequence", "UniformNelbo", "NaiveDenoising", "SDDLM", "SDDLMRandomNegatives",
-           "SDDLMInputNegative", "MDLMNelbo", "CountNelbo", "LLaDACrossEntropy", "NextTokenCrossEntropy"]
+__all__ = ["OBJECTIVES", "MASKED_OBJECTIVES", "UNIFORM_OBJECTIVES", "D3PM_OBJECTIVES", "D3PMHybrid", "AR_OBJECTIVES",
+           "Objective", "Corrupted", "Scored", "NoSettings", "per_sequence", "UniformNelbo", "NaiveDenoising", "SDDLM",
+           "SDDLMRandomNegatives", "SDDLMInputNegative", "MDLMNelbo", "CountNelbo", "LLaDACrossEntropy",
+           "NextTokenCrossEntropy"]

@@ -11,7 +11,7 @@ Clean context and padding are never target: no objective scores them (``score_ma
 always inside ``Corrupted.target``), and the logits there are never read.
 
 Settings: each objective declares a ``Settings`` dataclass (ranges via
-``dlm.config.setting``); the run config's ``objective:`` section is checked against it in
+``dlm.settings.setting``); the run config's ``objective:`` section is checked against it in
 one place (``dlm.families.resolve_components``) and the objective is built from it.
 """
 
@@ -22,10 +22,7 @@ from typing import ClassVar
 
 import torch
 
-
-@dataclass
-class NoSettings:
-    """An objective or sampler without settings of its own."""
+from dlm.settings import NoSettings
 
 
 @dataclass
@@ -71,6 +68,9 @@ def token_count(mask: torch.Tensor) -> torch.Tensor:
 class Objective:
     name: ClassVar[str]
     Settings: ClassVar[type] = NoSettings
+    # True: estimated over the number k of masked tokens (the family masks exactly k target
+    # positions, k uniform on {1..n}) instead of over a time t
+    by_count: ClassVar[bool] = False
 
     def __init__(self, settings=None):
         self.settings = settings if settings is not None else self.Settings()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm.config import setting
+from dlm.settings import setting
 from dlm.objectives.base import Corrupted, Objective, Scored, per_sequence, token_count
 
 

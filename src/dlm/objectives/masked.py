@@ -15,10 +15,6 @@ from dlm.processes.masked import MaskedProcess
 
 
 class MaskedObjective(Objective):
-    # True: the objective is estimated over the number k of masked tokens (the family masks
-    # exactly k target positions, k uniform on {1..n}) instead of over a time t.
-    exact_count = False
-
     def score_mask(self, c: Corrupted):
         return (c.xt != c.x0) & c.target  # masked target positions (a hidden prompt is masked but not scored)
 
@@ -71,7 +67,7 @@ class CountNelbo(MaskedObjective):
     """
 
     name = "nelbo-count"
-    exact_count = True
+    by_count = True
 
     def __call__(self, logits, c, where, process: MaskedProcess) -> Scored:
         n = token_count(c.target)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dlm.config import setting
+from dlm.settings import setting
 from dlm.objectives.base import Corrupted, Objective, Scored, per_sequence, token_count
 from dlm.processes.uniform import UniformProcess
 

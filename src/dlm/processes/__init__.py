@@ -1,6 +1,7 @@
-"""Forward processes, one file each. A family with one process names its class directly
-(``DiffusionFamily.process_cls``); a family that offers several chooses by the run config's
-``process:`` section from its registry here."""
+"""Forward processes, one file each, in one registry. A family names the processes it offers
+(``Family.process_choices``: the run config's ``process:`` section picks one of them); the
+objectives and samplers in :mod:`dlm.objectives` and :mod:`dlm.samplers` are registered for
+the processes they serve, by these names."""
 
 from dlm.processes.base import Process, log_uniform_mix, low_discrepancy, mix_density
 from dlm.processes.discrete import AbsorbingD3PM, UniformD3PM
@@ -8,9 +9,11 @@ from dlm.processes.masked import MaskedProcess
 from dlm.processes.uniform import UniformProcess
 from dlm.registry import Registry
 
-D3PM_PROCESSES: Registry[type[Process]] = Registry("d3pm process")
-D3PM_PROCESSES.register("absorbing")(AbsorbingD3PM)
-D3PM_PROCESSES.register("uniform")(UniformD3PM)
+PROCESSES: Registry[type[Process]] = Registry("process")
+PROCESSES.register("masked")(MaskedProcess)
+PROCESSES.register("uniform")(UniformProcess)
+PROCESSES.register("d3pm-absorbing")(AbsorbingD3PM)
+PROCESSES.register("d3pm-uniform")(UniformD3PM)
 
-__all__ = ["Process", "MaskedProcess", "UniformProcess", "AbsorbingD3PM", "UniformD3PM", "D3PM_PROCESSES",
+__all__ = ["Process", "MaskedProcess", "UniformProcess", "AbsorbingD3PM", "UniformD3PM", "PROCESSES",
            "low_discrepancy", "log_uniform_mix", "mix_density"]

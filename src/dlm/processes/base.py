@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 
 from dlm.schedules import Schedule
+from dlm.settings import NoSettings
 
 
 def low_discrepancy(batch: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -46,11 +48,30 @@ def mix_density(t: torch.Tensor, share: float, t_min: float) -> torch.Tensor:
 
 
 class Process(ABC):
-    """A forward process over a data vocabulary of ``vocab_size`` tokens."""
+    """A forward process over a data vocabulary of ``vocab_size`` tokens: the contract every
+    registered process follows (``tests/test_contracts.py`` holds each one to it).
 
-    def __init__(self, vocab_size: int, schedule: Schedule):
+    * ``corrupt(x0, t, generator, fixed)`` → x_t ~ q(x_t | x0): identity at t = 0, a draw
+      of the prior at t = 1, ``fixed`` positions untouched, the draws independent of ``fixed``;
+    * ``prior(shape, generator, device)`` → x_1, what every sampler starts from (and what a
+      hidden prompt shows under guidance and prompt dropout);
+    * ``input_vocab_size``: the ids the network embeds (data tokens plus any absorbing state);
+    * ``predicted(xt)`` → where the reverse step depends on the network (elsewhere nothing is
+      scored and no logits are computed);
+    * ``time(frac, t_min)`` → the times of uniform draws ``frac`` (continuous: [t_min, 1]);
+    * ``Settings``: a dataclass of the process's own settings (the run config's ``process:``
+      section), ``NoSettings`` when it has none.
+
+    The maths of a reverse step lives with the process too (``posterior``,
+    ``unmask_probability``, ``reverse_log_probs``): samplers only loop over it.
+    """
+
+    Settings: ClassVar[type] = NoSettings
+
+    def __init__(self, vocab_size: int, schedule: Schedule, settings=None):
         self.vocab_size = vocab_size
         self.schedule = schedule
+        self.settings = settings if settings is not None else self.Settings()
 
     @property
     def input_vocab_size(self) -> int:
@@ -67,4 +88,12 @@ class Process(ABC):
     @abstractmethod
     def prior(self, shape: tuple[int, ...], generator: torch.Generator, device) -> torch.Tensor:
         """Sample x_1 from the prior."""
+
+    def predicted(self, xt: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: positions where the reverse step depends on the network."""
+        return torch.ones(xt.shape[:2], dtype=torch.bool, device=xt.device)
+
+    def time(self, frac: torch.Tensor, t_min: float) -> torch.Tensor:
+        """Times t = t_min + (1 − t_min)·frac for uniform draws ``frac`` (B,)."""
+        return t_min + (1.0 - t_min) * frac
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm.config import setting
+from dlm.settings import setting
 from dlm.processes.masked import MaskedProcess
 from dlm.processes.uniform import UniformProcess
 
@@ -56,20 +56,20 @@ class DiscreteTime:
     Settings = D3PMSettings
 
     def __init__(self, vocab_size, schedule, settings: D3PMSettings | None = None):
-        super().__init__(vocab_size, schedule)
-        self.settings = settings if settings is not None else D3PMSettings()
+        super().__init__(vocab_size, schedule, settings)
         self.steps = self.settings.steps
+
+    def time(self, frac, t_min):
+        """t = i/T for a step i = ⌊frac·T⌋ + 1 ∈ {1, …, T}; ``t_min`` is the continuous
+        processes' and does not apply."""
+        T = self.steps
+        return ((frac * T).floor().clamp_max(T - 1) + 1) / T
 
     num_states: int
 
     def log_pi(self, device, dtype) -> torch.Tensor:
         """(S,) log π: where a token moves when it moves."""
         raise NotImplementedError
-
-    def predicted(self, xt: torch.Tensor) -> torch.Tensor:
-        """(B, L) bool: positions where p_θ(x_s | x_t) depends on the network. Elsewhere the
-        reverse step is the same point mass as the true posterior (no loss, no logits)."""
-        return torch.ones_like(xt, dtype=torch.bool)
 
     def log_probs_x0(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, S) log p̃_θ(x0 | x_t) over the states from the network's (N, V) data logits."""

@@ -22,6 +22,9 @@ from dlm.processes.base import Process
 
 
 class MaskedProcess(Process):
+    def predicted(self, xt):
+        return xt == self.mask_id  # an unmasked position is carried over: no loss, no logits
+
     @property
     def mask_id(self) -> int:
         return self.vocab_size

@@ -1,6 +1,7 @@
-"""Samplers: one file per algorithm; each owns its loop and its settings, the model only predicts."""
+"""Samplers: one file per algorithm, each owning its loop and its settings (the model only
+predicts), in one registry: each registered under its name for the processes it serves."""
 
-from dlm.registry import Registry
+from dlm.registry import ComponentRegistry
 from dlm.samplers.autoregressive import AutoregressiveSampler
 from dlm.samplers.base import (DiffusionSamplerSettings, Sampler, SamplerSettings, SamplingOptions, filter_logits,
                                sample_categorical)
@@ -11,22 +12,23 @@ from dlm.samplers.masked_ancestral import MaskedAncestralSampler
 from dlm.samplers.remdm import ReMDMSampler
 from dlm.samplers.uniform_ancestral import UniformAncestralSampler
 
-MASKED_SAMPLERS: Registry[type[Sampler]] = Registry("masked-diffusion sampler")
-MASKED_SAMPLERS.register("ancestral")(MaskedAncestralSampler)
-MASKED_SAMPLERS.register("remdm")(ReMDMSampler)
-MASKED_SAMPLERS.register("llada")(LLaDASampler)
-MASKED_SAMPLERS.register("fast-dllm")(FastDllmSampler)
+SAMPLERS: ComponentRegistry[type[Sampler]] = ComponentRegistry("sampler")
+SAMPLERS.register("ancestral", processes=("masked",))(MaskedAncestralSampler)
+SAMPLERS.register("remdm", processes=("masked",))(ReMDMSampler)
+SAMPLERS.register("llada", processes=("masked",))(LLaDASampler)
+SAMPLERS.register("fast-dllm", processes=("masked",))(FastDllmSampler)
+SAMPLERS.register("ancestral", processes=("uniform",))(UniformAncestralSampler)
+SAMPLERS.register("ancestral", processes=("d3pm-absorbing", "d3pm-uniform"))(D3PMAncestralSampler)
+SAMPLERS.register("ancestral", processes=("causal",))(AutoregressiveSampler)
 
-UNIFORM_SAMPLERS: Registry[type[Sampler]] = Registry("uniform-state diffusion sampler")
-UNIFORM_SAMPLERS.register("ancestral")(UniformAncestralSampler)
-
-D3PM_SAMPLERS: Registry[type[Sampler]] = Registry("d3pm sampler")
-D3PM_SAMPLERS.register("ancestral")(D3PMAncestralSampler)
-
-AR_SAMPLERS: Registry[type[Sampler]] = Registry("autoregressive sampler")
-AR_SAMPLERS.register("ancestral")(AutoregressiveSampler)
+# the per-family views of earlier versions (a family reads its own through ``Family.samplers``)
+MASKED_SAMPLERS = SAMPLERS.for_process("masked", "masked-diffusion sampler")
+UNIFORM_SAMPLERS = SAMPLERS.for_process("uniform", "uniform-state diffusion sampler")
+D3PM_SAMPLERS = SAMPLERS.for_process("d3pm-absorbing", "d3pm sampler")
+AR_SAMPLERS = SAMPLERS.for_process("causal", "autoregressive sampler")
 
 __all__ = [
+    "SAMPLERS",
     "MASKED_SAMPLERS",
     "UNIFORM_SAMPLERS",
     "AR_SAMPLERS",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm.config import check_settings, setting
+from dlm.settings import check_settings, setting
 
 
 @dataclass

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm.config import setting
+from dlm.settings import setting
 from dlm.processes.masked import MaskedProcess
 from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical, start_from_prior
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm.config import setting
+from dlm.settings import setting
 from dlm.processes.uniform import UniformProcess
 from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical, start_from_prior
 from dlm.samplers.masked_ancestral import NetworkCalls, evaluate_rows
