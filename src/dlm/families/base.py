@@ -30,6 +30,7 @@ from dlm.schema import RunConfig
 from dlm.settings import ComponentConfig, apply_dict, check_settings
 from dlm.errors import DlmError
 from dlm.objectives import OBJECTIVES, Corrupted, Objective, Scored
+from dlm.objectives.base import Predictor
 from dlm.objectives.chunked import chunked_score
 from dlm.processes import PROCESSES
 from dlm.registry import ProcessView, Registry
@@ -165,13 +166,17 @@ class Family(ABC):
     def input_vocab_size(self) -> int:
         return self.vocab_size
 
-    def score(self, objective: Objective, model, c: Corrupted, where: torch.Tensor, process, **inputs) -> Scored:
-        """``objective`` at ``where`` from ``model(**inputs, score_mask=where)``: the logits at once,
-        or — training with ``train.loss_chunk_rows`` > 0 — a chunk of sequences at a time."""
+    def score(self, objective: Objective, model, c: Corrupted, where: torch.Tensor, process, x, t=None,
+              pad=None) -> Scored:
+        """``objective`` at ``where``, the network called on inputs ``x`` (and ``t`` when
+        time-conditioned) through a :class:`Predictor`; a one-pass objective in training with
+        ``train.loss_chunk_rows`` > 0 runs a chunk of sequences at a time."""
         rows = self.cfg.train.loss_chunk_rows
-        if rows and torch.is_grad_enabled():
-            return model(**inputs, score_mask=where, head_fn=partial(chunked_score, objective, c, where, process, rows))
-        return objective(model(**inputs, score_mask=where), c, where, process)
+        t = t if self.time_conditioned else None
+        if rows and torch.is_grad_enabled() and objective.one_pass():
+            return model(x, t, score_mask=where, pad=pad,
+                         head_fn=partial(chunked_score, objective, c, where, process, rows))
+        return objective.score(Predictor(model, x, t, pad, self.time_conditioned), c, where, process)
 
     def build_model(self) -> Transformer:
         size = resolve_size(self.cfg.model)

@@ -59,8 +59,7 @@ class DiffusionFamily(Family):
 
     def _score(self, objective: Objective, model, c: Corrupted, pad) -> Scored:
         where = objective.score_mask(c) & self.process.predicted(c.xt)  # (B, L); elsewhere nothing to score
-        return self.score(objective, model, c, where, self.process, x=c.xt, t=c.t if self.time_conditioned else None,
-                          pad=pad)
+        return self.score(objective, model, c, where, self.process, x=c.xt, t=c.t, pad=pad)
 
     def loss(self, model, batch, generator, rows=slice(None)):
         frac = low_discrepancy(batch.x0.shape[0], generator, batch.x0.device)

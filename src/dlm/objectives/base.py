@@ -86,3 +86,32 @@ class Objective:
 
     def __call__(self, logits: torch.Tensor, c: Corrupted, where: torch.Tensor, process) -> Scored:
         raise NotImplementedError
+
+    def score(self, predict: "Predictor", c: Corrupted, where: torch.Tensor, process) -> Scored:
+        """Scored from the network: by default one pass, the logits at ``where`` handed to
+        ``__call__``. An objective whose loss needs more of the network — a second pass, a
+        reconstruction term at t ≈ 0 — overrides this and calls ``predict`` as often as it
+        needs (such an objective is scored whole: ``train.loss_chunk_rows`` chunks only the
+        one-pass kind)."""
+        return self(predict(where), c, where, process)
+
+    @classmethod
+    def one_pass(cls) -> bool:
+        """Whether the objective is ``__call__`` on one pass's logits (``score`` not overridden)."""
+        return cls.score is Objective.score
+
+
+class Predictor:
+    """The network as an objective calls it. ``predict(where)`` → float logits (N, V) at the N
+    true positions of ``where`` (B, L), row-major, from the inputs the family prepared (x_t,
+    the time when the model is time-conditioned, the padding); ``predict(where, x=…, t=…)``
+    runs another pass on other inputs (x: (B, L) ids or (B, L, C) vectors)."""
+
+    def __init__(self, model, x: torch.Tensor, t: torch.Tensor | None, pad: torch.Tensor | None,
+                 time_conditioned: bool):
+        self.model, self.x, self.t, self.pad, self.time_conditioned = model, x, t, pad, time_conditioned
+
+    def __call__(self, where: torch.Tensor, x: torch.Tensor | None = None, t: torch.Tensor | None = None):
+        x = self.x if x is None else x
+        t = (self.t if t is None else t) if self.time_conditioned else None
+        return self.model(x, t, score_mask=where, pad=self.pad)
