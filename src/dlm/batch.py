@@ -65,5 +65,8 @@ class Batch:
 
 
 def keep_fixed(x0: torch.Tensor, xt: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
-    """x_t with the fixed positions (clean or padding) put back to x0."""
-    return xt if fixed is None else torch.where(fixed, x0, xt)
+    """x_t with the fixed (B, L) positions (clean or padding) put back to x0; x0 and x_t are
+    (B, L) ids or (B, L, C) vectors (a continuous process's state, x0 then embedded)."""
+    if fixed is None:
+        return xt
+    return torch.where(fixed.view(*fixed.shape, *[1] * (xt.dim() - fixed.dim())), x0, xt)

@@ -7,6 +7,7 @@ import torch
 from dlm.errors import DlmError
 from dlm.families.base import Family
 from dlm.objectives import Corrupted
+from dlm.processes.causal import Causal
 
 
 class Autoregressive(Family):
@@ -37,7 +38,7 @@ class Autoregressive(Family):
         if pad is not None:  # the input at position l is x0[l − 1] (BOS at 0, never padding)
             pad = torch.cat([torch.zeros_like(pad[:, :1]), pad[:, :-1]], dim=1)
         c = Corrupted(batch.x0, batch.x0, torch.zeros(batch.x0.shape[0], device=batch.x0.device), where)
-        return self.score(self.objective, model, c, where, None, x=self._shift(batch.x0), pad=pad)
+        return self.score(self.objective, model, c, where, Causal(self.eos_id), x=self._shift(batch.x0), pad=pad)
 
     def loss(self, model, batch, generator, rows=slice(None)):
         return self._score(model, batch.rows(rows))
@@ -46,4 +47,4 @@ class Autoregressive(Family):
         return self._score(model, batch).nats.double()
 
     def sample(self, model, given, clean, generator, settings=None):
-        return self.sampler(settings).sample(model, self.eos_id, given, clean, generator)
+        return self.sampler(settings).sample(model, Causal(self.eos_id), given, clean, generator)

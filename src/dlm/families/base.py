@@ -199,6 +199,11 @@ class Family(ABC):
         """What ``dlm eval`` should say about the bound beyond its Monte Carlo samples."""
         return {}
 
+    def set_carry(self, carry: float) -> None:
+        """``dlm eval --carry λ``: bound the model whose x_θ carries λ of its mass on the input
+        token (uniform-state diffusion, where a network may learn to deny it); refused elsewhere."""
+        raise DlmError(f"--carry is for uniform-state runs (usdm); this is a '{self.name}' run")
+
     def network_steps(self, settings: SamplerSettings, length: int) -> int:
         """The denoising steps a sample of ``length`` tokens takes under ``settings``."""
         return settings.steps

@@ -44,9 +44,25 @@ class DiffusionFamily(Family):
     def check_config(cls, cfg) -> None:
         get_schedule(cfg.schedule)  # an unknown schedule fails before any data is read
 
+    # the registered objective (for the run's process) whose per-sequence nats ``dlm eval``
+    # reports, whatever trained the model: an upper bound of −log p, integrated over t here
+    bound_objective: ClassVar[str] = "nelbo"
+
     def make_bound(self) -> Objective:
         """The objective whose per-sequence nats ``dlm eval`` reports (an upper bound)."""
-        raise NotImplementedError
+        return self.objectives.get(self.bound_objective)()
+
+    @classmethod
+    def preset(cls, name: str, label: str, process: str, **defaults) -> type["DiffusionFamily"]:
+        """A family that is only a preset: a registered process, the default components and the
+        bound, e.g. ``DiffusionFamily.preset("gidd", "mask + uniform hybrid", "hybrid",
+        default_objective="elbo", bound_objective="elbo", default_time_conditioning=True)``.
+        A family needs a class of its own only where its bound is estimated otherwise than as
+        the time integral of ``bound_objective`` (MDLM over masked-token counts, USDM with its
+        tail below ε, D3PM as a sum over its steps)."""
+        attrs = {"name": name, "label": label, "process_choices": {process: process}, "default_process": process,
+                 "__doc__": f"The '{name}' preset: process '{process}', {defaults}.", **defaults}
+        return type(f"{name.title().replace('-', '')}Family", (cls,), attrs)
 
     @property
     def input_vocab_size(self) -> int:

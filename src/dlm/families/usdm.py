@@ -20,7 +20,7 @@ import torch
 
 from dlm.errors import DlmError
 from dlm.families.diffusion import EVAL_T_MIN, DiffusionFamily
-from dlm.objectives import Corrupted, UniformNelbo, per_sequence
+from dlm.objectives import Corrupted, per_sequence
 
 
 class USDM(DiffusionFamily):
@@ -36,9 +36,6 @@ class USDM(DiffusionFamily):
     # benchmarks/sddlm/time_draws.json: 24× less spread than uniform draws for such a network at
     # V = 18, 0.64–1.13× (mostly less) for well-behaved models at V = 18 to 4,096
     default_log_t_share = 0.25
-
-    def make_bound(self):
-        return UniformNelbo()
 
     def set_carry(self, carry: float) -> None:
         """``dlm eval --carry λ``: report the bound of x_θ = (1 − λ) softmax + λ e_{x_t} (UniformNelbo)."""

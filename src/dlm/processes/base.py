@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
+import torch.nn as nn
 
 from dlm.schedules import Schedule
 from dlm.settings import NoSettings
@@ -47,7 +48,7 @@ def mix_density(t: torch.Tensor, share: float, t_min: float) -> torch.Tensor:
     return share / (t * math.log(1.0 / t_min)) + (1.0 - share) / (1.0 - t_min)
 
 
-class Process(ABC):
+class Process(nn.Module, ABC):
     """A forward process over a data vocabulary of ``vocab_size`` tokens: the contract every
     registered process follows (``tests/test_contracts.py`` holds each one to it).
 
@@ -64,11 +65,17 @@ class Process(ABC):
 
     The maths of a reverse step lives with the process too (``posterior``,
     ``unmask_probability``, ``reverse_log_probs``): samplers only loop over it.
+
+    A process is an ``nn.Module``: one that learns something (embeddings, a noise schedule)
+    registers its parameters, and ``Family.build_model`` makes it a submodule of the model
+    (state-dict keys ``process.*``), so they are trained, checkpointed and moved with it. A
+    process without parameters leaves the model exactly as before.
     """
 
     Settings: ClassVar[type] = NoSettings
 
     def __init__(self, vocab_size: int, schedule: Schedule, settings=None):
+        super().__init__()
         self.vocab_size = vocab_size
         self.schedule = schedule
         self.settings = settings if settings is not None else self.Settings()

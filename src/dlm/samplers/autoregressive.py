@@ -6,6 +6,7 @@ import torch
 
 from dlm.backbones import KVCache
 from dlm.errors import DlmError
+from dlm.processes.causal import Causal
 from dlm.samplers.base import Sampler, filter_logits, sample_categorical
 
 
@@ -24,9 +25,10 @@ class AutoregressiveSampler(Sampler):
     name = "ancestral"
 
     @torch.no_grad()
-    def sample(self, model, bos_id: int, given, clean, generator):
+    def sample(self, model, process: Causal, given, clean, generator, time_conditioned=False, pad=None):
         """(B, L) tokens, each row's clean prefix kept, and the network calls of the longest
         group. Rows are generated in groups of equal prefix length (a KV cache needs them aligned)."""
+        bos_id = process.bos_id
         lengths = prefix_lengths(clean)
         out = given.clone()
         nfe = 0

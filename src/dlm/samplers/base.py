@@ -9,6 +9,7 @@ config's ``sampler:`` section, checked against the sampler's ``Settings`` datacl
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -50,13 +51,26 @@ def start_from_prior(process, given: torch.Tensor, clean: torch.Tensor, pad: tor
     return torch.where(fixed, given, process.prior(given.shape, generator, given.device)), fixed
 
 
-class Sampler:
+class Sampler(ABC):
+    """The contract every registered sampler follows (``tests/test_contracts.py``): built from
+    its checked ``Settings``; ``sample`` walks the process backwards with the model and
+    returns (B, L) tokens of the data vocabulary — no absorbing state left — with every
+    ``clean`` position exactly as in ``given``, repeatable under ``generator``, and the
+    network evaluations it took (an int ≥ 1, in full-batch equivalents)."""
+
     name: str
     Settings: type = SamplerSettings
 
     def __init__(self, settings: SamplerSettings | None = None):
         self.settings = settings if settings is not None else self.Settings()
         self.options = self.settings  # temperature / top-k / top-p, as filter_logits reads them
+
+    @abstractmethod
+    def sample(self, model, process, given: torch.Tensor, clean: torch.Tensor, generator: torch.Generator,
+               time_conditioned: bool = False, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """``model`` the (possibly guided) network; ``process`` the run's forward process (or
+        :class:`~dlm.processes.causal.Causal`); ``given`` (B, L) tokens and ``clean`` (B, L) the
+        ones to keep; ``time_conditioned`` whether the model takes t; ``pad`` (B, L) padding."""
 
 
 def filter_logits(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:

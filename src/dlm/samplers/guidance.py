@@ -39,8 +39,9 @@ def hidden_tokens(process, shape, generator: torch.Generator, device) -> torch.T
 
 
 def hide_clean(x: torch.Tensor, clean: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """x with every ``clean`` position replaced by ``hidden`` (all (B, L))."""
-    return torch.where(clean, hidden, x)
+    """x with every ``clean`` (B, L) position replaced by ``hidden``; x and hidden are (B, L)
+    ids or (B, L, C) vectors (a continuous process's state)."""
+    return torch.where(clean.view(*clean.shape, *[1] * (x.dim() - clean.dim())), hidden, x)
 
 
 class Guided(nn.Module):
