@@ -241,3 +241,28 @@ def test_family_likelihood_is_per_sequence_and_non_negative(family):
         nll = fam.nll(model, batch(), torch.Generator().manual_seed(0), 2)
     assert nll.shape == (B,) and nll.dtype == torch.float64
     assert bool(torch.isfinite(nll).all()) and bool((nll >= 0).all())
+
+
+def test_a_preset_family_is_a_family():
+    """A family that is only a preset (a registered process, default components, the bound
+    objective) needs no class: masked diffusion with time conditioning as a preset gives
+    the very loss and bound of ``mdlm`` with ``time_conditioning=true``."""
+    from dlm.families.diffusion import DiffusionFamily
+
+    Preset = DiffusionFamily.preset("masked-timed", "masked-diffusion", "masked", default_objective="nelbo",
+                                    default_time_conditioning=True)
+    cfgs = [RunConfig(family=name, time_conditioning=tc, model=ModelConfig(size="tiny", n_layer=1, d_model=32,
+                                                                          n_head=2, cond_dim=16))
+            for name, tc in (("masked-timed", None), ("mdlm", True))]
+    Preset.resolve(cfgs[0])
+    FAMILIES.get("mdlm").resolve(cfgs[1])
+    fams = [Preset(cfgs[0], V, 0), FAMILIES.get("mdlm")(cfgs[1], V, 0)]
+    torch.manual_seed(0)
+    model = fams[0].build_model()
+    b = batch()
+    losses = [f.loss(model, b, torch.Generator().manual_seed(3)).nats for f in fams]
+    with torch.no_grad():
+        bounds = [f.nll(model, b, torch.Generator().manual_seed(3), 2) for f in fams]
+    assert fams[0].time_conditioned and type(fams[0].bound) is type(fams[1].bound)
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    torch.testing.assert_close(bounds[0], bounds[1], rtol=0, atol=0)
