@@ -266,3 +266,14 @@ def test_a_preset_family_is_a_family():
     assert fams[0].time_conditioned and type(fams[0].bound) is type(fams[1].bound)
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
     torch.testing.assert_close(bounds[0], bounds[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,process", [e for e in SAMPLER_ENTRIES if e[1] != "causal"])
+def test_diffusion_sampler_settings_extend_the_shared_ones(name, process):
+    """steps, temperature, top-k, top-p and guidance exist for every diffusion sampler (the
+    family reads ``guidance`` to wrap the model; the CLI's flags set the others)."""
+    from dlm.samplers import DiffusionSamplerSettings
+
+    cls = SAMPLERS.get(name, process)
+    assert issubclass(cls.Settings, DiffusionSamplerSettings)
+    check_settings(cls.Settings())

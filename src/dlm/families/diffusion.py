@@ -159,7 +159,7 @@ class DiffusionFamily(Family):
 
     def sample(self, model, given, clean, generator, settings=None):
         sampler = self.sampler(settings)
-        weight = getattr(sampler.settings, "guidance", 0.0)
+        weight = sampler.settings.guidance  # every diffusion sampler's settings extend DiffusionSamplerSettings
         if weight > 0:  # every sampler gets classifier-free guidance by calling the wrapped model
             model = Guided(model, self.process, given, clean, weight, generator)
         return sampler.sample(model, self.process, given, clean, generator, self.time_conditioned)
