@@ -208,6 +208,28 @@ class Family(ABC):
         """The denoising steps a sample of ``length`` tokens takes under ``settings``."""
         return settings.steps
 
+    def sampler_section(self, name: str | None, changes: dict) -> ComponentConfig:
+        """The ``sampler:`` section for sampler ``name`` (None: the run's own) with ``changes``
+        (what the user set) on top. The run's own sampler keeps its recorded settings; another
+        one starts from its own defaults and keeps, of the run's, only the settings every
+        sampler of the process shares (steps, temperature, top-k, top-p, guidance): a setting
+        of the same name in another sampler may mean something else (the ancestral sampler's
+        boolean ``cache`` is not Fast-dLLM's ``cache`` mode)."""
+        own = self.cfg.sampler
+        settings = dict(own.settings)
+        if name is not None and name != own.name:
+            shared = {f.name for f in dataclasses.fields(self.samplers.get(name).Settings)} & set(self._shared_settings())
+            settings = {k: v for k, v in settings.items() if k in shared}
+        return ComponentConfig(name or own.name, {**settings, **changes})
+
+    def _shared_settings(self) -> list[str]:
+        """Settings declared by every sampler of this family's process (the common base)."""
+        names = None
+        for sampler in self.samplers.names():
+            fields = {f.name for f in dataclasses.fields(self.samplers.get(sampler).Settings)}
+            names = fields if names is None else names & fields
+        return sorted(names or ())
+
     def choose_sampler(self, comp: ComponentConfig) -> SamplerSettings:
         """Use the sampler ``comp`` names, with its checked settings, from now on; returns them."""
         self.sampler_cls, self.sampler_settings = component_settings(self.samplers, comp, self.default_sampler, "sampler")
