@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dlm.config import ModelConfig
+from dlm.schema import ModelConfig
 from dlm.errors import DlmError
 
 

@@ -24,6 +24,9 @@ import torch.nn as nn
 import torch.utils.checkpoint
 import torch.nn.functional as F
 
+from dlm.backbones.base import BACKBONES, Backbone
+from dlm.backbones.sizes import resolve_size
+
 
 @dataclass
 class TransformerConfig:
@@ -199,7 +202,14 @@ class TimeEmbedding(nn.Module):
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
-class Transformer(nn.Module):
+@BACKBONES.register("transformer")
+class Transformer(Backbone):
+    """The :class:`~dlm.backbones.base.Backbone` contract, plus the caches of the module
+    docstring. ``forward`` reads in steps: the input vectors (``input_vectors``) and their
+    positions (:meth:`_positions`), the time conditioning (:meth:`_condition`), the attention
+    mask (:meth:`_attention_mask`), the blocks (:meth:`_blocks`) and the output layer
+    (:meth:`_output`)."""
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
@@ -211,6 +221,25 @@ class Transformer(nn.Module):
         self.final_ada = nn.Linear(cfg.cond_dim, 2 * cfg.d_model) if cfg.cond_dim else None
         self.head = nn.Linear(cfg.d_model, cfg.vocab_out, bias=True)
         self._init_weights()
+
+    @classmethod
+    def build(cls, model_cfg, *, vocab_in: int, vocab_out: int, causal: bool, cond_dim: int) -> Transformer:
+        """The transformer of ``model_cfg``'s size preset, with its explicit fields overriding it."""
+        size = resolve_size(model_cfg)
+        return cls(
+            TransformerConfig(
+                vocab_in=vocab_in,
+                vocab_out=vocab_out,
+                n_layer=size.n_layer,
+                n_head=size.n_head,
+                d_model=size.d_model,
+                causal=causal,
+                cond_dim=cond_dim,
+                mlp_ratio=model_cfg.mlp_ratio,
+                dropout=model_cfg.dropout,
+                activation_checkpointing=model_cfg.activation_checkpointing,
+            )
+        )
 
     def _init_weights(self):
         for module in self.modules():
@@ -232,47 +261,74 @@ class Transformer(nn.Module):
             nn.init.zeros_(self.final_ada.bias)
         nn.init.zeros_(self.head.weight)
 
+    # the contract's attributes, read from the config (no state: the state_dict is unchanged)
+    @property
+    def d_model(self) -> int:
+        return self.cfg.d_model
+
+    @property
+    def vocab_in(self) -> int:
+        return self.cfg.vocab_in
+
+    @property
+    def vocab_out(self) -> int:
+        return self.cfg.vocab_out
+
+    @property
+    def causal(self) -> bool:
+        return self.cfg.causal
+
+    @property
+    def time_conditioned(self) -> bool:
+        return self.time is not None
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
         cache: KVCache | None = None,
         score_mask: torch.Tensor | None = None,
         pad: torch.Tensor | None = None,
         *,
+        embeds: torch.Tensor | None = None,
         kv_in: BlockKV | None = None,
         kv_out: BlockKV | None = None,
         start: int = 0,
         head_fn=None,
     ) -> torch.Tensor:
-        """x: (B, T) token ids; t: (B,) times in [0, 1] (time-conditioned models only).
-
-        Returns float32 logits (B, T, vocab_out), or (N, vocab_out) at the N positions where
-        the boolean mask ``score_mask`` (B, T) is true: a loss that only scores masked tokens
-        then skips the output layer (often the largest matmul) everywhere else. With a
-        ``cache``, x holds the tokens after ``cache.length`` and positions continue from there.
-
-        ``pad`` (B, T) bool marks padding: no position attends to a padded key (each padded
-        query still sees itself, so no row of the attention is empty), so changing a padded
-        token changes no other position's output. Without it attention runs unmasked (and
-        on GPUs keeps the flash kernels).
+        """x (B, T) ids or embeds (B, T, C), t, score_mask, pad and head_fn: the
+        :class:`~dlm.backbones.base.Backbone` contract. With a ``cache``, the input holds the
+        tokens after ``cache.length`` and positions continue from there.
 
         Block cache (bidirectional models only): ``kv_out`` (a :class:`BlockKV`) is filled with
         every layer's keys and values of this full pass. With ``kv_in`` (recorded from a pass
-        over L positions), x (B, T) is the window [start, start + T) of that sequence: it
-        attends to its own fresh keys and values and to ``kv_in``'s at every other position;
+        over L positions), the input (B, T) is the window [start, start + T) of that sequence:
+        it attends to its own fresh keys and values and to ``kv_in``'s at every other position;
         ``score_mask`` is then (B, T) over the window and ``pad`` (B, L) over the whole
-        sequence (the keys span all of it).
-
-        ``head_fn(head, h)``: instead of the logits, return what it makes of the output layer
-        and the final hidden states h (N, C) — a loss that runs the output layer a chunk of rows
-        at a time, so the (N, V) float32 logits never exist at once (``dlm.objectives.chunked``).
+        sequence (the keys span all of it). Without ``pad`` attention runs unmasked (on GPUs:
+        the flash kernels).
         """
-        B, T = x.shape
-        keys_len = T
+        h = self.input_vectors(x, embeds)  # (B, T, C)
+        B, T, _ = h.shape
+        start, keys_len = self._positions(B, T, cache, kv_in, kv_out, start)
+        cos, sin = self.rotary(max(start + T, keys_len), h.device)
+        cos, sin = cos[start : start + T], sin[start : start + T]  # (T, D/2): positions start … start + T - 1
+        c = self._condition(t)  # (B, cond_dim) or None
+        attn_mask = self._attention_mask(pad, T, start, keys_len, cache, kv_in, h.device)
+        kv = {} if kv_in is None and kv_out is None else {"kv_in": kv_in, "kv_out": kv_out, "start": start}
+        h = self._blocks(h, c, cos, sin, cache, attn_mask, kv)  # (B, T, C)
+        if cache is not None:
+            cache.length += T
+        return self._output(h, c, score_mask, head_fn)
+
+    def _positions(self, B: int, T: int, cache: KVCache | None, kv_in: BlockKV | None,
+                   kv_out: BlockKV | None, start: int) -> tuple[int, int]:
+        """(start, keys): the position of the input's first token, and how many keys its
+        queries attend over (T, or the L recorded in ``kv_in``). Refuses cache arguments that
+        do not go together."""
         if kv_in is not None or kv_out is not None:
             if cache is not None or self.cfg.causal or (kv_in is not None and kv_out is not None):
                 raise ValueError("the block cache is for bidirectional models: record (kv_out) or read (kv_in), "
@@ -282,43 +338,56 @@ class Transformer(nn.Module):
             if len(kv_in) != len(self.blocks) or not 0 <= start <= keys_len - T or kv_in.k[0].shape[0] != B:
                 raise ValueError(f"window [{start}, {start + T}) of {B} rows does not fit the recorded "
                                  f"{keys_len} positions of {kv_in.k[0].shape[0] if len(kv_in) else 0} rows")
-        elif start:
+            return start, keys_len
+        if start:
             raise ValueError("start= is the position of a window: it needs kv_in")
-        else:
-            start = cache.length if cache is not None else 0
-        cos, sin = self.rotary(max(start + T, keys_len), x.device)
-        cos, sin = cos[start : start + T], sin[start : start + T]
-        c = None
-        if self.time is not None:
-            if t is None:
-                raise ValueError("this backbone is time-conditioned: pass t")
-            c = F.silu(self.time(t))
-        attn_mask = None
-        if pad is not None:
-            if cache is not None:
-                raise ValueError("padding is not supported with a KV cache")
-            keys = ~pad[:, None, None, :]  # (B, 1, 1, T): attend to non-padded keys …
-            if kv_in is None:
-                eye = torch.eye(T, dtype=torch.bool, device=x.device)  # … and to oneself
-            else:  # (T, L): query i of the window is key start + i
-                eye = torch.arange(keys_len, device=x.device)[None] == start + torch.arange(T, device=x.device)[:, None]
-            attn_mask = keys | eye
-            if self.cfg.causal:
-                attn_mask = attn_mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        h = self.embed(x)  # (B, T, C)
-        kv = {} if kv_in is None and kv_out is None else {"kv_in": kv_in, "kv_out": kv_out, "start": start}
+        return (cache.length if cache is not None else 0), T
+
+    def _condition(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """c (B, cond_dim): the adaLN conditioning of times t (B,); None without time conditioning."""
+        if self.time is None:
+            return None
+        if t is None:
+            raise ValueError("this backbone is time-conditioned: pass t")
+        return F.silu(self.time(t))
+
+    def _attention_mask(self, pad: torch.Tensor | None, T: int, start: int, keys_len: int,
+                        cache: KVCache | None, kv_in: BlockKV | None, device: torch.device) -> torch.Tensor | None:
+        """(B, 1, T, keys) bool, True where a query may attend, from ``pad`` (B, keys): no query
+        attends to a padded key, and each padded query still sees itself (so no row of the
+        attention is empty). None without padding: attention then runs unmasked."""
+        if pad is None:
+            return None
+        if cache is not None:
+            raise ValueError("padding is not supported with a KV cache")
+        keys = ~pad[:, None, None, :]  # (B, 1, 1, keys): attend to non-padded keys …
+        if kv_in is None:
+            eye = torch.eye(T, dtype=torch.bool, device=device)  # … and to oneself, (T, T)
+        else:  # (T, L): query i of the window is key start + i
+            eye = torch.arange(keys_len, device=device)[None] == start + torch.arange(T, device=device)[:, None]
+        attn_mask = keys | eye
+        if self.cfg.causal:  # the causal rule is then part of the mask
+            attn_mask = attn_mask & torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        return attn_mask
+
+    def _blocks(self, h: torch.Tensor, c, cos, sin, cache: KVCache | None, attn_mask, kv: dict) -> torch.Tensor:
+        """h (B, T, C) through every block, (B, T, C); with activation checkpointing in training,
+        only each block's input is kept and its activations are recomputed in the backward."""
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
-            if recompute:  # keep only each block's input; its activations are recomputed in the backward
+            if recompute:
                 h = torch.utils.checkpoint.checkpoint(block, h, c, cos, sin, None, i, attn_mask, use_reentrant=False, **kv)
             else:
                 h = block(h, c, cos, sin, cache, i, attn_mask, **kv)
-        h = self.norm(h)
+        return h
+
+    def _output(self, h: torch.Tensor, c, score_mask: torch.Tensor | None, head_fn) -> torch.Tensor:
+        """The final norm (adaLN-modulated with time conditioning), then the output layer at the
+        ``score_mask`` positions: float32 logits (B, T, V) or (N, V), or ``head_fn(head, h)``."""
+        h = self.norm(h)  # (B, T, C)
         if self.final_ada is not None:
-            shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
+            shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)  # (B, 1, C) each
             h = modulate(h, shift, scale)
-        if cache is not None:
-            cache.length += T
         if score_mask is not None:
             h = h[score_mask]  # (N, C), row-major order
         if head_fn is not None:
