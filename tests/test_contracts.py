@@ -277,3 +277,41 @@ def test_diffusion_sampler_settings_extend_the_shared_ones(name, process):
     cls = SAMPLERS.get(name, process)
     assert issubclass(cls.Settings, DiffusionSamplerSettings)
     check_settings(cls.Settings())
+
+
+def test_a_learning_process_travels_with_the_model():
+    """A process with parameters of its own becomes the model's submodule ``process``: its
+    parameters are optimised, saved in the state dict and moved with the network; the
+    parameter-free processes of today leave the model's keys as they were."""
+    fam, model = build("masked")
+    assert not any(k.startswith("process.") for k in model.state_dict())
+    fam.process.register_parameter("log_scale", torch.nn.Parameter(torch.zeros(())))
+    model = fam.build_model()
+    assert "process.log_scale" in model.state_dict()
+    assert any(p is fam.process.log_scale for p in model.parameters())
+
+
+def test_vector_states_pass_through_the_shared_helpers():
+    """keep_fixed, hide_clean, the Predictor and guidance accept (B, L, C) vectors — the state
+    of a continuous (Gaussian) process — and call the backbone with ``embeds=``."""
+    from dlm.batch import keep_fixed
+    from dlm.objectives.base import Predictor
+    from dlm.samplers.guidance import Guided, hide_clean
+
+    fam, model = build("masked")
+    model.eval()
+    b = batch()
+    e0 = model.embed(b.x0)  # (B, L, C)
+    noisy = e0 + torch.randn(e0.shape, generator=torch.Generator().manual_seed(0))
+    kept = keep_fixed(e0, noisy, b.fixed)
+    assert torch.equal(kept[b.fixed], e0[b.fixed]) and torch.equal(kept[~b.fixed], noisy[~b.fixed])
+    hidden = torch.zeros_like(noisy)
+    assert torch.equal(hide_clean(noisy, b.clean, hidden)[b.clean], hidden[b.clean])
+    where = b.target
+    with torch.no_grad():
+        by_ids = Predictor(model, b.x0, None, None, False)(where)
+        by_vectors = Predictor(model, e0, None, None, False)(where)
+        guided = Guided(model, fam.process, b.x0, b.clean, 1.0, torch.Generator().manual_seed(0))
+        guided.hidden = torch.zeros_like(e0)  # a continuous process's prior draw: vectors
+        torch.testing.assert_close(guided(e0, None, score_mask=where).shape, by_ids.shape)
+    torch.testing.assert_close(by_vectors, by_ids)

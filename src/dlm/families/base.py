@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from dlm.backbones import Transformer, TransformerConfig, resolve_size
+from dlm.backbones import Backbone, build_backbone, resolve_size
 from dlm.batch import Batch
 from dlm.schema import RunConfig
 from dlm.settings import ComponentConfig, apply_dict, check_settings
@@ -178,22 +178,18 @@ class Family(ABC):
                          head_fn=partial(chunked_score, objective, c, where, process, rows))
         return objective.score(Predictor(model, x, t, pad, self.time_conditioned), c, where, process)
 
-    def build_model(self) -> Transformer:
-        size = resolve_size(self.cfg.model)
-        return Transformer(
-            TransformerConfig(
-                vocab_in=self.input_vocab_size,
-                vocab_out=self.vocab_size,
-                n_layer=size.n_layer,
-                n_head=size.n_head,
-                d_model=size.d_model,
-                causal=self.causal,
-                cond_dim=self.cfg.model.cond_dim if self.time_conditioned else 0,
-                mlp_ratio=self.cfg.model.mlp_ratio,
-                dropout=self.cfg.model.dropout,
-                activation_checkpointing=self.cfg.model.activation_checkpointing,
-            )
-        )
+    backbone: ClassVar[str] = "transformer"  # the BACKBONES entry the family's network is
+    process = None  # the forward process (a diffusion family's); None for the autoregressive one
+
+    def build_model(self) -> Backbone:
+        """The network: the family's backbone shaped by the ``model`` section; a process that
+        learns something (parameters of its own) becomes its submodule ``process``, so the
+        optimiser, checkpoints and ``.to(device)`` take it along."""
+        model = build_backbone(self.backbone, self.cfg.model, vocab_in=self.input_vocab_size, vocab_out=self.vocab_size,
+                               causal=self.causal, cond_dim=self.cfg.model.cond_dim if self.time_conditioned else 0)
+        if self.process is not None and any(True for _ in self.process.parameters()):
+            model.add_module("process", self.process)
+        return model
 
     def bound_info(self) -> dict:
         """What ``dlm eval`` should say about the bound beyond its Monte Carlo samples."""
@@ -246,20 +242,20 @@ class Family(ABC):
         return self.sampler_cls(settings)
 
     @abstractmethod
-    def loss(self, model: Transformer, batch: Batch, generator: torch.Generator, rows=slice(None)) -> Scored:
+    def loss(self, model: Backbone, batch: Batch, generator: torch.Generator, rows=slice(None)) -> Scored:
         """The objective on rows ``rows`` of the global ``batch``: per-sequence nats and counts."""
 
     @abstractmethod
-    def nll(self, model: Transformer, batch: Batch, generator: torch.Generator, mc_samples: int) -> torch.Tensor:
+    def nll(self, model: Backbone, batch: Batch, generator: torch.Generator, mc_samples: int) -> torch.Tensor:
         """−log p(target | clean context) per sequence in nats, (B,) float64: exact, or an upper
         bound averaged over ``mc_samples`` Monte Carlo draws when ``is_bound``."""
 
     @abstractmethod
-    def sample(self, model: Transformer, given: torch.Tensor, clean: torch.Tensor, generator: torch.Generator,
+    def sample(self, model: Backbone, given: torch.Tensor, clean: torch.Tensor, generator: torch.Generator,
                settings: SamplerSettings | None = None) -> tuple[torch.Tensor, int]:
         """(B, L) tokens with the ``clean`` positions of ``given`` kept, and the network calls."""
 
-    def generate(self, model: Transformer, num: int, length: int, prompt: torch.Tensor | None,
+    def generate(self, model: Backbone, num: int, length: int, prompt: torch.Tensor | None,
                  generator: torch.Generator, settings: SamplerSettings | None = None) -> tuple[torch.Tensor, int]:
         """``num`` samples of ``length`` tokens that all start with ``prompt`` (1-D ids, or None)."""
         device = next(model.parameters()).device

@@ -114,4 +114,6 @@ class Predictor:
     def __call__(self, where: torch.Tensor, x: torch.Tensor | None = None, t: torch.Tensor | None = None):
         x = self.x if x is None else x
         t = (self.t if t is None else t) if self.time_conditioned else None
+        if x.is_floating_point():  # vectors (B, L, C): a continuous process's state
+            return self.model(None, t, embeds=x, score_mask=where, pad=self.pad)
         return self.model(x, t, score_mask=where, pad=self.pad)

@@ -75,6 +75,8 @@ class Guided(nn.Module):
         def twice(v):
             return None if v is None else torch.cat([v, v])
 
+        if x2.is_floating_point():  # a continuous process's state: vectors, not ids
+            kw["embeds"], x2 = x2, None
         logits = self.model(x2, twice(t), score_mask=twice(score_mask), pad=twice(pad), **kw)
         cond, uncond = logits.chunk(2)  # score_mask rows are row-major: the first half is cond
         return cond + self.weight * (cond - uncond)
