@@ -3,13 +3,15 @@
 Common options are flags; everything else comes from a YAML config (``--config``) and
 ``key=value`` overrides (``train.lr=3e-4 model.n_layer=6``). Bad input ends in one line on
 stderr and exit status 2.
+
+This module parses, checks flags, calls ``dlm.service`` (what each command does, for
+library users too) and prints; it holds no evaluation or sampling logic of its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
+import contextlib
 import json
 import os
 import re
@@ -19,23 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from dlm.errors import DlmError
-
-# Keys a resumed run may change; everything else must stay as the run was started.
-# train.batch_size and train.parallel may change so that a run can move to another number of
-# processes: keep batch_size × processes constant to follow the same global batch.
-# train.compile changes how the steps run, not what they compute (checkpoints are the same either way).
-RESUMABLE = {"train.steps", "train.time_budget_s", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-             "train.device", "train.batch_size", "train.parallel", "train.compile"}
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _train_flags(args) -> dict[str, Any]:
@@ -58,81 +43,21 @@ def _train_flags(args) -> dict[str, Any]:
         "train.parallel": args.parallel,
         "train.compile": args.compile,
     }
-    # (``--init-from`` is not a config flag: it picks the base config, see _init_from_config)
-
-
-def _asked(args) -> dict[str, Any]:
-    """The settings this command line asks for, as flat ``key: value`` (config file, overrides, flags)."""
-    from dlm.config import load_yaml, migrate, parse_override, resolve_config_path
-
-    asked: dict[str, Any] = {}
-    if args.config:
-        asked.update(_flatten(migrate(load_yaml(resolve_config_path(args.config)))))
-    for text in args.overrides:
-        key, value = parse_override(text)
-        asked[key] = value
-    asked.update({k: v for k, v in _train_flags(args).items() if v is not None})
-    return asked
-
-
-def _resume_config(out: Path, args):
-    """The saved config, with only the RESUMABLE keys changed by the command line."""
-    from dlm.checkpoint import read_run_config
-    from dlm.config import apply_dict, finalize, from_dict, migrate, nest
-
-    saved = read_run_config(out)
-    cfg = from_dict(copy.deepcopy(saved.to_dict()))
-    before = _flatten(saved.to_dict())
-    for key, value in _asked(args).items():
-        apply_dict(cfg, migrate(nest(key, value)))
-    finalize(cfg)
-    after = _flatten(cfg.to_dict())
-    changed = [k for k in {**before, **after} if after.get(k) != before.get(k) and k not in RESUMABLE]
-    if changed:
-        k = changed[0]
-        raise DlmError(
-            f"--resume keeps the run's settings: {k} is {before.get(k)!r} in {out} but {after.get(k)!r} here "
-            f"(only {', '.join(sorted(RESUMABLE))} may change)"
-        )
-    return cfg
-
-
-def _init_from_config(args):
-    """Fine-tuning: the source run's config (family, objective, model shape, tokenizer) with
-    the command line on top; the source's weights are loaded by the trainer, its optimiser is not."""
-    from dlm.checkpoint import latest_checkpoint, read_run_config
-    from dlm.config import apply_dict, finalize, from_dict, migrate, nest
-
-    source = Path(args.init_from)
-    src = read_run_config(source)
-    latest_checkpoint(source)  # a run with no checkpoint has no weights to start from
-    if args.family and args.family != src.family:
-        raise DlmError(f"--init-from {source} is a '{src.family}' run, not '{args.family}': fine-tuning keeps "
-                       f"the run's family and model (drop --family)")
-    if args.tokenizer and args.tokenizer != src.data.tokenizer:
-        raise DlmError(f"--init-from {source} was trained with the '{src.data.tokenizer}' tokenizer, not "
-                       f"'{args.tokenizer}': fine-tuning keeps the run's tokenizer (drop --tokenizer)")
-    cfg = from_dict(src.to_dict())
-    asked = _asked(args)
-    if asked.get("objective", cfg.objective.name) != cfg.objective.name:
-        cfg.objective = type(cfg.objective)()  # another objective: the source's settings were its own
-    for key, value in asked.items():
-        apply_dict(cfg, migrate(nest(key, value)))
-    cfg.train.init_from = str(source)
-    return finalize(cfg)
+    # (``--init-from`` is not a config flag: it picks the base config, see dlm.service.init_from_config)
 
 
 def cmd_train(args) -> int:
     from dlm.config import build_config
+    from dlm.service import init_from_config, resume_config
     from dlm.train import train
 
     out = Path(args.out)
+    flags = {k: v for k, v in _train_flags(args).items() if v is not None}
     if args.resume:
-        cfg = _resume_config(out, args)
-    elif args.init_from:
-        cfg = _init_from_config(args)
+        cfg = resume_config(out, args.config, args.overrides, flags)
+    elif args.init_from:  # fine-tuning: the source run's config is the base, --config's keys go on top
+        cfg = init_from_config(Path(args.init_from), args.config, args.overrides, flags)
     else:
-        flags = {k: v for k, v in _train_flags(args).items() if v is not None}
         cfg = build_config(args.config, args.overrides, flags)
     result = train(cfg, out, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -154,59 +79,6 @@ def cmd_train(args) -> int:
               f"`dlm train --out {out} --resume`", file=sys.stderr)
         return 130 if result.interrupted == "SIGINT" else 143
     return 0
-
-
-def _evaluate_run(run, data: str | None, split: str, mc_samples: int | None, max_tokens: int | None,
-                  batch_size: int | None, seed: int) -> dict:
-    from dlm.data import prepare_data
-    from dlm.device import generator
-    from dlm.evaluate import evaluate_likelihood, select_rows
-
-    cfg = run.cfg
-    own = prepare_data(cfg.data, run.tokenizer)
-    target = prepare_data(dataclasses.replace(cfg.data, data=data), run.tokenizer) if data else own
-    rows, clean = target.rows(split, cfg.data.seq_len)
-    keep = select_rows(rows, cfg.eval.max_tokens if max_tokens is None else max_tokens)
-    result = evaluate_likelihood(
-        run.family, run.model, rows[keep], run.tokenizer, generator(run.device, seed),
-        mc_samples=cfg.eval.mc_samples if mc_samples is None else mc_samples,
-        batch_size=cfg.eval.batch_size if batch_size is None else batch_size,
-        train_stream=own.train,
-        clean=None if clean is None else clean[keep],
-    )
-    result.update({"run": str(run.path), "step": run.step, "family": cfg.family, "data": data or cfg.data.data, "split": split})
-    return result
-
-
-def _sample_quality(run, judge_name: str | None, num: int, settings, batch: int, seed: int) -> dict:
-    """Gen PPL under a judge and the entropy of ``num`` unconditional samples, drawn ``batch`` at a time."""
-    from dlm.evaluate import generative_perplexity, sample_documents, sample_entropy
-    from dlm.judge import load_judge
-
-    cfg = run.cfg
-    if num < 1:
-        raise DlmError(f"--samples must be ≥ 1, got {num}")
-    if batch < 1:
-        raise DlmError(f"--sample-batch must be ≥ 1, got {batch}")
-    judge = load_judge(judge_name, run.device)  # before sampling: a bad judge fails at once
-    length = cfg.data.seq_len
-    tokens, nfe, seconds = _generate(run, num, length, None, settings, seed, batch)
-    tokens = tokens.numpy()  # (num, length)
-    result = {
-        "samples": num,
-        "sample_length": length,
-        "sample_steps": run.family.network_steps(settings, length),
-        "sample_nfe": nfe,
-        "sample_seconds": seconds,
-        "sample_tokens_per_s": num * length / seconds,
-        "sampler": cfg.sampler.name,
-        "temperature": settings.temperature,
-        "top_k": settings.top_k,
-        "top_p": settings.top_p,
-    }
-    result.update(generative_perplexity(judge, sample_documents(tokens, run.tokenizer)))
-    result.update(sample_entropy(tokens, run.tokenizer.eos_id))
-    return result
 
 
 def _format_samples(r: dict) -> str:
@@ -254,9 +126,33 @@ def _check_seed(seed: int) -> None:
         raise DlmError(f"--seed must be in [0, {SEED_MAX}], got {seed}")
 
 
-def cmd_eval(args) -> int:
-    from dlm.runs import load_run
+@contextlib.contextmanager
+def _as_flags(**flags):
+    """A sampler-settings error names the flag the user typed (``--top-k``), not the config
+    key (``config key 'sampler.top_k'``), for every flag given (not None)."""
+    try:
+        yield
+    except DlmError as e:
+        message = str(e)
+        for key, value in flags.items():
+            if value is not None:
+                message = message.replace(f"config key 'sampler.{key}'", "--" + key.replace("_", "-"))
+        raise DlmError(message) from None
 
+
+def _sampler_settings(run, args, temperature: float | None = None):
+    """The settings of ``run``'s sampler that ``--sampler``, ``--steps``, ``--temperature`` (or
+    ``temperature`` where it is not given), ``--top-k``, ``--top-p`` and the
+    ``sampler.KEY=VALUE`` overrides ask for."""
+    from dlm.service import sampler_settings
+
+    temperature = args.temperature if args.temperature is not None else temperature
+    with _as_flags(steps=args.steps, temperature=temperature, top_k=args.top_k, top_p=args.top_p):
+        return sampler_settings(run, args.steps, temperature, args.top_k, args.top_p, args.sampler, args.overrides)
+
+
+def _check_eval_flags(args) -> None:
+    """``dlm eval``'s flags, each in its range, before the run is loaded."""
     _check_seed(args.seed)
     if args.samples is None and args.answers is None and args.no_likelihood:
         raise DlmError("--no-likelihood leaves nothing to evaluate: add --samples N or --answers N")
@@ -273,32 +169,27 @@ def cmd_eval(args) -> int:
         raise DlmError(f"--time-stride must be ≥ 1, got {args.time_stride}")
     if args.log_t_share is not None and not 0.0 <= args.log_t_share < 1.0:  # NaN too
         raise DlmError(f"--log-t-share must be in [0, 1), got {args.log_t_share}")
+
+
+def cmd_eval(args) -> int:
+    from dlm import service
+    from dlm.runs import load_run
+
+    _check_eval_flags(args)
     run = load_run(Path(args.run), args.device, use_ema=not args.no_ema)
-    if args.log_t_share is not None:
-        if not run.family.bound_draws_time(run.cfg):
-            raise DlmError(f"--log-t-share is for bounds integrated over a random time (usdm, mdlm with time "
-                           f"conditioning); {args.run}'s {run.family.bound_kind(run.cfg)}")
-        run.cfg.eval.log_t_share = args.log_t_share
-    if args.time_stride is not None:
-        if not run.family.discrete_time:
-            raise DlmError(f"--time-stride is for discrete-time runs (d3pm); {args.run} is a '{run.cfg.family}' run")
-        run.cfg.eval.time_stride = args.time_stride
-    if args.carry is not None:
-        if not hasattr(run.family, "set_carry"):
-            raise DlmError(f"--carry is for uniform-state runs (usdm); {args.run} is a '{run.cfg.family}' run")
-        run.family.set_carry(args.carry)
-    settings = _sampler_settings(run, args.steps, args.temperature, args.top_k, args.top_p, args.sampler, args.overrides)
-    answer_rows = _answer_rows(run, args.data, args.split, args.answers) if args.answers is not None else None
+    service.configure_bound(run, args.log_t_share, args.time_stride, args.carry, name=args.run)
+    settings = _sampler_settings(run, args)
+    answer_rows = service.answer_rows(run, args.data, args.split, args.answers) if args.answers is not None else None
     if args.no_likelihood:
-        result = {"run": str(run.path), "step": run.step, "family": run.cfg.family}
+        result = service.run_summary(run)
     else:
-        result = _evaluate_run(run, args.data, args.split, args.mc_samples, args.max_tokens, args.batch_size, args.seed)
+        result = service.evaluate_run(run, args.data, args.split, args.mc_samples, args.max_tokens, args.batch_size,
+                                      args.seed)
     if args.samples is not None:
-        result.update(_sample_quality(run, args.judge, args.samples, settings, args.sample_batch, args.seed))
+        result.update(service.sample_quality(run, args.judge, args.samples, settings, args.sample_batch, args.seed))
     if answer_rows is not None:  # greedy unless --temperature is given
-        greedy = _sampler_settings(run, args.steps, 0.0 if args.temperature is None else args.temperature,
-                                   args.top_k, args.top_p, args.sampler, args.overrides)
-        result.update(_answer_quality(run, answer_rows, greedy, args.sample_batch, args.seed))
+        greedy = _sampler_settings(run, args, temperature=0.0)
+        result.update(service.answer_quality(run, answer_rows, greedy, args.sample_batch, args.seed))
     if args.json:
         print(json.dumps(result))
     else:
@@ -306,32 +197,6 @@ def cmd_eval(args) -> int:
             f"{result['family']} run {result['run']} at step {result['step']}"]
         print("\n".join(text + ([_format_answers(result)] if answer_rows is not None else [])))
     return 0
-
-
-def _answer_rows(run, data: str | None, split: str, num: int):
-    """The first ``num`` prompt/response rows of ``split`` and their clean (prompt) masks."""
-    from dlm.data import is_pairs_data, prepare_data
-
-    spec = data or run.cfg.data.data
-    if not is_pairs_data(spec):
-        raise DlmError(f"--answers needs a run fine-tuned on prompt/response pairs (or --data pairs); "
-                       f"'{spec}' is plain text")
-    rows, clean = prepare_data(dataclasses.replace(run.cfg.data, data=spec), run.tokenizer).rows(split, run.cfg.data.seq_len)
-    return rows[:num], clean[:num]
-
-
-def _answer_quality(run, answer_rows, settings, batch: int, seed: int) -> dict:
-    """Exact match and token accuracy of the answers generated after each prompt."""
-    from dlm.device import generator
-    from dlm.evaluate import answer_accuracy
-
-    if batch < 1:
-        raise DlmError(f"--sample-batch must be ≥ 1, got {batch}")
-    rows, clean = answer_rows
-    result = answer_accuracy(run.family, run.model, rows, clean, run.tokenizer, generator(run.device, seed),
-                             settings, batch_size=batch)
-    result.update({"answer_temperature": settings.temperature, "answer_steps": run.family.network_steps(settings, rows.shape[1])})
-    return result
 
 
 def _format_answers(r: dict) -> str:
@@ -347,127 +212,16 @@ def _format_answers(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _sampler_settings(run, steps: int | None = None, temperature: float | None = None,
-                      top_k: int | None = None, top_p: float | None = None, name: str | None = None,
-                      overrides: list[str] | tuple = ()):
-    """Choose the run's sampler (or ``--sampler NAME``) with the run's ``sampler`` settings,
-    then ``sampler.KEY=VALUE`` overrides and the flags on top, checked in one place."""
-    from dlm.config import ComponentConfig, parse_override
-
-    own = run.cfg.sampler
-    settings = dict(own.settings)
-    if name is not None and name != own.name:  # another sampler: keep only the settings it shares
-        fields = {f.name for f in dataclasses.fields(run.family.samplers.get(name).Settings)}
-        settings = {k: v for k, v in settings.items() if k in fields}
-    for text in overrides:
-        key, value = parse_override(text)
-        if not key.startswith("sampler.") or key == "sampler.name":
-            raise DlmError(f"only sampler settings can be given here (sampler.KEY=VALUE), got '{key}'")
-        settings[key[len("sampler."):]] = value
-    flags = {"steps": steps, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    settings.update({k: v for k, v in flags.items() if v is not None})
-    try:
-        return run.family.choose_sampler(ComponentConfig(name or own.name, settings))
-    except DlmError as e:  # name the flag the user typed, not the config key
-        message = str(e)
-        for key, value in flags.items():
-            if value is not None:
-                message = message.replace(f"config key 'sampler.{key}'", "--" + key.replace("_", "-"))
-        raise DlmError(message) from None
-
-
-def _generate(run, num: int, length: int, prompt_ids, settings, seed: int, batch: int | None = None):
-    """(tokens (num, length) on the CPU, network calls per batch, sampling seconds), drawn
-    ``batch`` samples at a time (default: all at once) from one seeded generator."""
-    import torch
-
-    from dlm.device import generator
-
-    gen = generator(run.device, seed)
-    batch = batch or num
-    rows, nfe, seconds = [], 0, 0.0
-    for start in range(0, num, batch):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            tokens, nfe = run.family.generate(run.model, min(batch, num - start), length, prompt_ids, gen, settings)
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - t0
-        rows.append(tokens.cpu())
-    return torch.cat(rows), nfe, seconds
-
-
-def _answer_text(tokenizer, prompt: str, row, n_prompt: int) -> str:
-    """The prompt as typed, then the generated tokens up to the first end-of-text."""
-    generated = [int(i) for i in row[n_prompt:]]
-    if tokenizer.eos_id in generated:
-        generated = generated[: generated.index(tokenizer.eos_id)]
-    return prompt + tokenizer.decode(generated)
-
-
-def _infill(run, template: str, num: int, settings, seed: int) -> tuple[list[str], int, float, int]:
-    """Samples of ``template`` with every ``[MASK*N]`` hole filled (text outside kept byte for byte)."""
-    import torch
-
-    from dlm.device import generator
-    from dlm.infill import parse_template
-
-    tmpl = parse_template(template, run.tokenizer, run.cfg.data.seq_len)
-    given = torch.as_tensor(tmpl.ids, dtype=torch.long, device=run.device)[None].expand(num, -1).clone()
-    clean = torch.as_tensor(tmpl.clean, dtype=torch.bool, device=run.device)[None].expand(num, -1).clone()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        tokens, nfe = run.family.sample(run.model, given, clean, generator(run.device, seed), settings)
-    seconds = time.perf_counter() - t0
-    return [tmpl.fill(run.tokenizer, row.tolist()) for row in tokens.cpu()], nfe, seconds, len(tmpl.ids)
-
-
-def _sample_run(run, num: int, steps: int | None, length: int | None, prompt: str | None,
-                temperature: float | None, top_k: int | None, top_p: float | None, seed: int,
-                infill: str | None = None, sampler: str | None = None, overrides: list[str] | tuple = ()) -> dict:
-    import torch
-
-    cfg = run.cfg
-    if num < 1:
-        raise DlmError(f"--num must be ≥ 1, got {num}")
-    if length is not None and not 1 <= length <= cfg.data.seq_len:
-        raise DlmError(f"--length must be in [1, {cfg.data.seq_len}] (the sequence length this model was trained on), got {length}")
-    settings = _sampler_settings(run, steps, temperature, top_k, top_p, sampler, overrides)
-    if infill is not None:
-        if prompt is not None or length is not None:
-            raise DlmError("--infill gives the whole sequence: drop --prompt and --length")
-        texts, nfe, seconds, length = _infill(run, infill, num, settings, seed)
-    else:
-        length = cfg.data.seq_len if length is None else length
-        prompt_ids = None
-        if prompt:
-            prompt_ids = torch.as_tensor(run.tokenizer.encode(prompt), dtype=torch.long)
-            if len(prompt_ids) >= length:
-                raise DlmError(f"the prompt is {len(prompt_ids)} tokens, it must be shorter than --length {length}")
-        tokens, nfe, seconds = _generate(run, num, length, prompt_ids, settings, seed)
-        if prompt_ids is None:
-            texts = [run.tokenizer.decode(row.tolist()) for row in tokens]
-        else:  # an answer to the prompt: it stops at end-of-text
-            texts = [_answer_text(run.tokenizer, prompt, row, len(prompt_ids)) for row in tokens]
-    return {
-        "samples": texts,
-        "seconds": seconds,
-        "tokens_per_s": num * length / seconds,
-        "nfe": nfe,
-        "steps": run.family.network_steps(settings, length),
-        "length": length,
-        "family": cfg.family,
-        "step": run.step,
-    }
-
 
 def cmd_sample(args) -> int:
     from dlm.runs import load_run
+    from dlm.service import sample_run
 
     _check_seed(args.seed)
     run = load_run(Path(args.run), args.device, use_ema=not args.no_ema)
-    result = _sample_run(run, args.num, args.steps, args.length, args.prompt, args.temperature, args.top_k, args.top_p,
-                         args.seed, args.infill, args.sampler, args.overrides)
+    with _as_flags(steps=args.steps, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p):
+        result = sample_run(run, args.num, args.steps, args.length, args.prompt, args.temperature, args.top_k,
+                            args.top_p, args.seed, args.infill, args.sampler, args.overrides)
     if args.json:
         print(json.dumps(result))
     else:
@@ -491,6 +245,7 @@ def cmd_quickstart(args) -> int:
     from dlm.checkpoint import atomic_write_text
     from dlm.config import build_config
     from dlm.runs import load_run
+    from dlm.service import evaluate_run, sample_run
     from dlm.train import train
 
     t0 = time.perf_counter()
@@ -504,8 +259,8 @@ def cmd_quickstart(args) -> int:
         print(f"stopped by {result.interrupted}; continue with `dlm train --out {out} --resume`", file=sys.stderr)
         return 130 if result.interrupted == "SIGINT" else 143
     run = load_run(out, cfg.train.device)
-    ev = _evaluate_run(run, None, "val", None, None, None, cfg.train.seed)
-    samples = _sample_run(run, 4, None, None, None, None, None, None, cfg.train.seed)
+    ev = evaluate_run(run, seed=cfg.train.seed)
+    samples = sample_run(run, 4, seed=cfg.train.seed)
     atomic_write_text(out / "eval.json", json.dumps(ev, indent=1))
     atomic_write_text(out / "samples.txt", "\n\n".join(f"──── sample {i + 1} ────\n{t}" for i, t in enumerate(samples["samples"])) + "\n")
     total = time.perf_counter() - t0
@@ -545,7 +300,17 @@ def cmd_bench_compare(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlm", description="Diffusion language models and their autoregressive baseline.")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub)
+    _add_eval_parser(sub)
+    _add_sample_parser(sub)
+    _add_quickstart_parser(sub)
+    _add_lm_eval_parser(sub)
+    _add_bench_parser(sub)
+    return p
 
+
+def _add_train_parser(sub) -> None:
+    """``dlm train``: a new run, ``--resume`` or ``--init-from``, flags for the common config keys."""
     t = sub.add_parser("train", help="train a model into a run folder")
     t.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
     t.add_argument("--config", help="YAML config file, or the name of a shipped config (e.g. quickstart)")
@@ -576,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=3e-4")
     t.set_defaults(func=cmd_train)
 
+
+def _add_eval_parser(sub) -> None:
+    """``dlm eval``: likelihood, ``--samples`` (Gen PPL, entropy) and ``--answers`` (pairs runs)."""
     e = sub.add_parser("eval", help="likelihood (NLL, PPL, bits per token and per byte) of a run, and sample quality")
     e.add_argument("run")
     e.add_argument("--data", help="evaluate on this data (tokenised with the run's tokenizer)")
@@ -608,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="sampler settings for --samples / --answers, e.g. sampler.top_p=0.9")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_sample_parser(sub) -> None:
+    """``dlm sample``: unconditional, ``--prompt`` or ``--infill`` samples."""
     s = sub.add_parser("sample", help="generate text from a run")
     s.add_argument("run")
     s.add_argument("--num", type=int, default=4)
@@ -626,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="sampler settings, e.g. sampler.steps=64")
     s.set_defaults(func=cmd_sample)
 
+
+def _add_quickstart_parser(sub) -> None:
+    """``dlm quickstart``: train, evaluate and sample the small shipped config."""
     q = sub.add_parser("quickstart", help="train, evaluate and sample a small MDLM on the built-in corpus")
     q.add_argument("--out", help="run folder (default: runs/quickstart, or the next free runs/quickstart-N)")
     q.add_argument("--family", help="mdlm (default) or ar")
@@ -635,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("overrides", nargs="*", help="key=value config overrides")
     q.set_defaults(func=cmd_quickstart)
 
+
+def _add_lm_eval_parser(sub) -> None:
+    """``dlm lm-eval``: lm-evaluation-harness tasks on a run."""
     le = sub.add_parser("lm-eval", help="run EleutherAI lm-evaluation-harness tasks on a run (pip install 'dlm[lm-eval]')")
     le.add_argument("run")
     le.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
@@ -647,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--json", action="store_true", help="print lm-eval's result dict as JSON")
     le.set_defaults(func=cmd_lm_eval)
 
+
+def _add_bench_parser(sub) -> None:
+    """``dlm bench compare``: the comparison of every family over seeds."""
     b = sub.add_parser("bench", help="benchmarks: compare (AR against every diffusion family, over seeds)")
     bsub = b.add_subparsers(dest="bench", required=True)
     bc = bsub.add_parser("compare", help="train every model of a compare config over N seeds, evaluate them the "
@@ -662,7 +442,6 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("overrides", nargs="*", help="key=value: run-config keys for every model (train.steps=200), "
                     "compare.KEY for the comparison (compare.samples=8)")
     bc.set_defaults(func=cmd_bench_compare)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

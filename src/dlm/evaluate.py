@@ -251,8 +251,6 @@ def answer_accuracy(
     prompt length (the autoregressive sampler generates rows of equal prefix length together),
     ``batch_size`` at a time, from the one ``generator``.
     """
-    import time
-
     rows = np.asarray(rows, dtype=np.int64)
     clean = np.asarray(clean, dtype=bool)
     if rows.ndim != 2 or rows.shape != clean.shape or len(rows) == 0:
@@ -260,15 +258,24 @@ def answer_accuracy(
                        f"{rows.shape} and {clean.shape}")
     if batch_size < 1:
         raise DlmError(f"batch_size must be ≥ 1, got {batch_size}")
-    n, L = rows.shape
-    eos = tokenizer.eos_id
+    generated, nfe, seconds = _generate_answers(family, model, rows, clean, generator, settings, batch_size)
+    scores, shown = _score_answers(rows, generated, clean.sum(1), tokenizer, examples)
+    return {**scores, "answer_nfe": nfe, "answer_seconds": seconds, "answer_examples": shown}
+
+
+def _generate_answers(family: Family, model: torch.nn.Module, rows: np.ndarray, clean: np.ndarray,
+                      generator: torch.Generator, settings, batch_size: int) -> tuple[np.ndarray, int, float]:
+    """Every row (N, L) with its non-clean positions generated after its clean prompt:
+    (generated (N, L), network calls summed over batches, sampling seconds)."""
+    import time
+
+    n = len(rows)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    prompt_len = clean.sum(1)
     generated = np.empty_like(rows)
     nfe, seconds = 0, 0.0
-    order = np.argsort(prompt_len, kind="stable")
+    order = np.argsort(clean.sum(1), kind="stable")
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         given = torch.from_numpy(np.where(clean[idx], rows[idx], 0)).to(device)
@@ -281,6 +288,15 @@ def answer_accuracy(
         generated[idx] = out.cpu().numpy()
         nfe += calls
     model.train(was_training)
+    return generated, nfe, seconds
+
+
+def _score_answers(rows: np.ndarray, generated: np.ndarray, prompt_len: np.ndarray, tokenizer: Tokenizer,
+                   examples: int) -> tuple[dict, list[dict]]:
+    """Exact match and token accuracy of ``generated`` against the reference ``rows`` (both
+    (N, L)) after each row's ``prompt_len`` prompt tokens, and the first ``examples`` of them."""
+    n, L = rows.shape
+    eos = tokenizer.eos_id
 
     def until_eos(row: np.ndarray, start: int) -> np.ndarray:
         """row[start:] up to (not including) its first end-of-text."""
@@ -312,7 +328,4 @@ def answer_accuracy(
         "answer_token_accuracy": float(hits.sum() / counts.sum()),
         "answer_token_accuracy_stderr": _ratio_stderr(hits, counts),
         "answer_target_tokens": int(counts.sum()),
-        "answer_nfe": nfe,
-        "answer_seconds": seconds,
-        "answer_examples": shown,
-    }
+    }, shown

@@ -27,10 +27,10 @@ import torch
 
 from dlm.bench import measures
 from dlm.bench.spec import ModelPlan, Spec
-from dlm.cli import RESUMABLE, _flatten as flatten  # a run may differ from the plan only where `dlm train --resume` allows
 from dlm.checkpoint import CHECKPOINT_NAME, has_checkpoint, is_run_dir, latest_checkpoint, load_weights, read_run_config
 from dlm.errors import DlmError
 from dlm.fsio import atomic_write_text, ensure_dir, writing
+from dlm.service import RESUMABLE, flatten, sampler_settings  # RESUMABLE: where a run may differ from the plan
 
 MARK = "compare.json"
 
@@ -130,24 +130,6 @@ def say(text: str) -> None:
     print(f"dlm bench {time.strftime('%H:%M:%S')}: {text}", file=sys.stderr, flush=True)
 
 
-def train_figures(path: Path) -> dict:
-    """Training throughput and the last loss, from the run's metrics.jsonl (the first logged
-    window holds the warm-up and is left out when there are others)."""
-    rows = [r for r in metrics_rows(path) if "tokens_per_s" in r]
-    if not rows:
-        return {}
-    timed = rows[1:] or rows
-    return {"train_tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed), "train_loss": rows[-1]["loss"],
-            "train_steps": rows[-1]["step"], "train_tokens": rows[-1]["tokens"], "train_s": rows[-1]["elapsed_s"]}
-
-
-def metrics_rows(path: Path) -> list[dict]:
-    """The complete records of a run's metrics.jsonl."""
-    from dlm.metrics import read_metrics_lines
-
-    return [json.loads(line) for line in read_metrics_lines(path / "metrics.jsonl", 2**62)]
-
-
 def evaluate_unit(unit: Unit, spec: Spec, out: Path, data, judge, tag: str) -> dict:
     """Every measurement of one finished run, from the cache where it is there already."""
     from dlm.runs import load_run
@@ -155,7 +137,7 @@ def evaluate_unit(unit: Unit, spec: Spec, out: Path, data, judge, tag: str) -> d
     s = spec.settings
     run = load_run(unit.path, run_device(unit))
     cache = EvalCache(out / "evals" / f"{unit.name}.json", run.step)
-    parts: dict = {"train": train_figures(unit.path)}
+    parts: dict = {"train": measures.train_figures(unit.path)}
 
     def part(key: str, what: str, settings: dict, fn):
         found = cache.get(key, settings)
@@ -192,7 +174,7 @@ def distinct_budgets(run, budgets: list[int]) -> list[int]:
     follow the setting (AR: one per token) is measured once."""
     seen, keep = set(), []
     for steps in budgets:
-        network = run.family.network_steps(measures.sampler_settings(run, steps=steps), run.cfg.data.seq_len)
+        network = run.family.network_steps(sampler_settings(run, steps=steps), run.cfg.data.seq_len)
         if network not in seen:
             seen.add(network)
             keep.append(steps)

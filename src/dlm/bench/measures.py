@@ -1,21 +1,25 @@
 """The figures measured on every run of a comparison, each the same way for every family:
-likelihood, sample quality at a sampling budget, sampling speed, masked-token completion.
+training throughput and loss (from metrics.jsonl), likelihood, sample quality at a sampling
+budget, sampling speed, masked-token completion.
 
 Each function takes a loaded run (``dlm.runs.LoadedRun``) and returns a flat dict of JSON
-numbers, so the comparison can cache it as one part of the run's evaluation.
+numbers, so the comparison can cache it as one part of the run's evaluation. Drawing,
+filling, scoring and the likelihood itself are ``dlm.service``'s (what ``dlm eval`` and
+``dlm sample`` run); this module chooses the settings and rows and shapes the figures.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from dlm.config import ComponentConfig
-from dlm.device import generator
+from dlm.metrics import read_metrics_lines
+from dlm.service import evaluate_data, generate, sample_given, sampler_settings, score_samples
 
 
 def load1() -> float:
@@ -26,10 +30,20 @@ def load1() -> float:
         return float("nan")
 
 
-def sampler_settings(run, **changes):
-    """The run's own sampler with ``changes`` (steps, temperature) on top."""
-    own = run.cfg.sampler
-    return run.family.choose_sampler(ComponentConfig(own.name, {**own.settings, **changes}))
+def train_figures(path: Path) -> dict:
+    """Training throughput and the last loss, from the run's metrics.jsonl (the first logged
+    window holds the warm-up and is left out when there are others)."""
+    rows = [r for r in metrics_rows(path) if "tokens_per_s" in r]
+    if not rows:
+        return {}
+    timed = rows[1:] or rows
+    return {"train_tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed), "train_loss": rows[-1]["loss"],
+            "train_steps": rows[-1]["step"], "train_tokens": rows[-1]["tokens"], "train_s": rows[-1]["elapsed_s"]}
+
+
+def metrics_rows(path: Path) -> list[dict]:
+    """The complete records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in read_metrics_lines(path / "metrics.jsonl", 2**62)]
 
 
 def eval_rows(run, data, max_tokens: int) -> np.ndarray:
@@ -42,47 +56,25 @@ def eval_rows(run, data, max_tokens: int) -> np.ndarray:
 
 def likelihood(run, data, seed: int) -> dict:
     """NLL, PPL, bits per token and per byte with their standard errors (``dlm eval``'s figures)."""
-    from dlm.evaluate import evaluate_likelihood
-
-    cfg = run.cfg
-    rows = eval_rows(run, data, cfg.eval.max_tokens)
-    r = evaluate_likelihood(run.family, run.model, rows, run.tokenizer, generator(run.device, seed),
-                            mc_samples=cfg.eval.mc_samples, batch_size=cfg.eval.batch_size, train_stream=data.train)
+    r = evaluate_data(run, data, "val", train_stream=data.train, seed=seed)
     r["stderr_bits_per_token"] = r["stderr"] / math.log(2)
     return r
-
-
-def _synchronize(run) -> None:
-    if run.device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def draw(run, settings, num: int, batch: int, seed: int) -> tuple[np.ndarray, float, int]:
     """``num`` unconditional samples of the training length, ``batch`` at a time from one
     seeded generator: (tokens (num, L), sampling seconds, network calls per batch)."""
-    L = run.cfg.data.seq_len
-    gen = generator(run.device, seed)
-    rows, seconds, nfe = [], 0.0, 0
-    for start in range(0, num, batch):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            tokens, nfe = run.family.generate(run.model, min(batch, num - start), L, None, gen, settings)
-        _synchronize(run)
-        seconds += time.perf_counter() - t0
-        rows.append(tokens.cpu())
-    return torch.cat(rows).numpy(), seconds, nfe
+    tokens, nfe, seconds = generate(run, num, run.cfg.data.seq_len, None, settings, seed, batch)
+    return tokens.numpy(), seconds, nfe
 
 
 def sample_quality(run, judge, steps: int, num: int, batch: int, seed: int) -> dict:
     """Gen PPL under ``judge`` and sample entropy of ``num`` samples at ``steps`` sampling steps."""
-    from dlm.evaluate import generative_perplexity, sample_documents, sample_entropy
-
     settings = sampler_settings(run, steps=steps)
     tokens, seconds, nfe = draw(run, settings, num, batch, seed)
     r = {"steps": run.family.network_steps(settings, run.cfg.data.seq_len), "nfe": nfe, "samples": num,
          "seconds_per_sample": seconds / num}
-    r.update(generative_perplexity(judge, sample_documents(tokens, run.tokenizer)))
-    r.update(sample_entropy(tokens, run.tokenizer.eos_id))
+    r.update(score_samples(judge, tokens, run.tokenizer))
     r["example"] = run.tokenizer.decode(tokens[0].tolist())[:300]
     return r
 
@@ -126,11 +118,7 @@ def infill(run, data, length: int, rows: int, steps: int, seed: int) -> dict:
     clean = torch.ones_like(given, dtype=torch.bool)
     clean[:, start:end] = False
     settings = sampler_settings(run, steps=steps or length, temperature=0.0)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out, nfe = run.family.sample(run.model, given, clean, generator(run.device, seed), settings)
-    _synchronize(run)
-    seconds = time.perf_counter() - t0
+    out, nfe, seconds = sample_given(run, given, clean, settings, seed)
     hits = (out[:, start:end] == x0[:, start:end]).double().mean(1).cpu().numpy()  # (rows,) per-row accuracy
     n = len(hits)
     return {

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlm.bench.measures import metrics_rows
 from dlm.errors import DlmError
 
 
@@ -46,8 +47,6 @@ def _save(plt, fig, out: Path, name: str) -> str:
 
 
 def _loss(plt, units, colours, out: Path) -> str:
-    from dlm.bench.compare import metrics_rows
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labelled = set()
     for u in units:

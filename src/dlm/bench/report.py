@@ -163,9 +163,20 @@ def write_report(results: dict, plots: list[str], out: Path) -> None:
 
 
 def render(results: dict, plots: list[str]) -> str:
-    models, s, sh, m = results["models"], results["settings"], results["shared"], results["machine"]
-    top, timed = s["sample_steps"][-1], s["speed_steps"][-1]
-    lines = [
+    """``report.md``: the set-up, then one section per measurement, every run, the plots."""
+    lines = _set_up(results) + _likelihood(results) + _samples(results) + _speed(results) + _infill(results)
+    lines += _stability(results)
+    if "data_constrained" in results:
+        lines += _data_constrained(results)
+    lines += _every_run(results)
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _set_up(results: dict) -> list[str]:
+    """The command, date, machine, what every model shares and each model's own keys."""
+    models, sh, m = results["models"], results["shared"], results["machine"]
+    return [
         "# dlm bench compare",
         "",
         f"`{results['command']}`",
@@ -183,6 +194,13 @@ def render(results: dict, plots: list[str]) -> str:
         "Models (their run-config keys on top of the shared ones): "
         + "; ".join(f"`{n}` = " + ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) for n, r in models.items()) + ".",
         "",
+    ]
+
+
+def _likelihood(results: dict) -> list[str]:
+    """The thesis's table: bits, NLL, PPL and bits per byte, with sampling and training speed."""
+    models, timed = results["models"], results["settings"]["speed_steps"][-1]
+    lines = [
         "## Likelihood and speed (the thesis's table)",
         "",
         "Bits per token, NLL (nats per token), perplexity and bits per byte on the same validation tokens for "
@@ -204,11 +222,16 @@ def render(results: dict, plots: list[str]) -> str:
               + "."]
     lines += ["", "Standard error of bits per token within a run (text and Monte Carlo noise), mean over seeds: "
               + ", ".join(f"{n} {fmt(r['aggregate'].get('stderr_bits_per_token'))}" for n, r in models.items()) + "."]
+    return lines
 
-    lines += ["", "## Samples: quality against sampling steps", "",
-              f"{s['samples']} unconditional samples per row, Gen PPL under `{_judge(models)}` (lower is better; only "
-              "comparable within this report), unigram entropy in nats (low = repetitive) and the sampling seconds per "
-              "sample (batches of up to 16).", ""]
+
+def _samples(results: dict) -> list[str]:
+    """Gen PPL, entropy and seconds per sample at every sampling budget."""
+    models, s = results["models"], results["settings"]
+    lines = ["", "## Samples: quality against sampling steps", "",
+             f"{s['samples']} unconditional samples per row, Gen PPL under `{_judge(models)}` (lower is better; only "
+             "comparable within this report), unigram entropy in nats (low = repetitive) and the sampling seconds per "
+             "sample (batches of up to 16).", ""]
     rows = []
     for name, r in models.items():
         a = r["aggregate"]
@@ -216,12 +239,16 @@ def render(results: dict, plots: list[str]) -> str:
             if f"gen_ppl@{steps}" in a:
                 rows.append([name, f"{a[f'steps@{steps}']['mean']:.0f}", fmt(a.get(f"gen_ppl@{steps}"), 1),
                              fmt(a.get(f"entropy@{steps}"), 2), fmt(a.get(f"seconds_per_sample@{steps}"), 3)])
-    lines += _table(["model", "steps", "Gen PPL", "entropy", "s per sample"], rows)
+    return lines + _table(["model", "steps", "Gen PPL", "entropy", "s per sample"], rows)
 
+
+def _speed(results: dict) -> list[str]:
+    """Sampling speed at every timed budget and batch size."""
+    models, s, sh, m = results["models"], results["settings"], results["shared"], results["machine"]
     columns = speed_columns(s["speed_batches"])
-    lines += ["", "## Sampling speed", "",
-              f"Unconditional samples of {sh['seq_len']} tokens: the mean of {s['speed_repeats']} timed draws after a "
-              f"warm-up, {m['threads']} torch threads; the load average before each measurement is in results.json.", ""]
+    lines = ["", "## Sampling speed", "",
+             f"Unconditional samples of {sh['seq_len']} tokens: the mean of {s['speed_repeats']} timed draws after a "
+             f"warm-up, {m['threads']} torch threads; the load average before each measurement is in results.json.", ""]
     rows = []
     for name, r in models.items():
         a = r["aggregate"]
@@ -230,45 +257,59 @@ def render(results: dict, plots: list[str]) -> str:
             if keys[0] in a:
                 rows.append([name, f"{a[f'network_steps@{steps}']['mean']:.0f}"]
                             + [fmt(a.get(k), 3 if k.startswith("seconds") else 1) for k in keys])
-    lines += _table(["model", "steps"] + [f"{label} (batch {b})" for b, (_, label) in zip(s["speed_batches"], columns)],
-                    rows)
+    return lines + _table(["model", "steps"] + [f"{label} (batch {b})" for b, (_, label) in zip(s["speed_batches"], columns)],
+                          rows)
 
-    lines += ["", "## Masked-token completion", "",
-              f"Accuracy of greedy (temperature 0) completion of a held-out span in the middle of {s['infill_rows']} "
-              "validation sequences. Diffusion models see **both sides** of the span; the autoregressive model sees "
-              "**only the left side** (the prefix) and generates the span after it.", ""]
+
+def _infill(results: dict) -> list[str]:
+    """Masked-token completion accuracy at every span length."""
+    models, s = results["models"], results["settings"]
+    lines = ["", "## Masked-token completion", "",
+             f"Accuracy of greedy (temperature 0) completion of a held-out span in the middle of {s['infill_rows']} "
+             "validation sequences. Diffusion models see **both sides** of the span; the autoregressive model sees "
+             "**only the left side** (the prefix) and generates the span after it.", ""]
     rows = [[name, r["infill_context"] or "—"] + [fmt(r["aggregate"].get(f"infill_accuracy@{n}")) for n in s["infill_lengths"]]
             for name, r in models.items()]
-    lines += _table(["model", "context"] + [f"span {n}" for n in s["infill_lengths"]], rows)
+    return lines + _table(["model", "context"] + [f"span {n}" for n in s["infill_lengths"]], rows)
 
-    lines += ["", "## Stability over seeds", "",
-              "Range (max − min) over seeds of each model's main figures: how much one run can mislead.", ""]
+
+def _stability(results: dict) -> list[str]:
+    """The range over seeds of each model's main figures."""
+    models, top = results["models"], results["settings"]["sample_steps"][-1]
+    lines = ["", "## Stability over seeds", "",
+             "Range (max − min) over seeds of each model's main figures: how much one run can mislead.", ""]
     rows = []
     for name, r in models.items():
         a = r["aggregate"]
         rows.append([name] + [_range(a.get(k)) for k in ("bits_per_token", "train_loss", f"gen_ppl@{top}")])
-    lines += _table(["model", "bits/token range", "final training loss range", f"Gen PPL range ({top} steps)"], rows)
+    return lines + _table(["model", "bits/token range", "final training loss range", f"Gen PPL range ({top} steps)"], rows)
 
-    if "data_constrained" in results:
-        dc = results["data_constrained"]
-        lines += ["", "## Data-constrained training", "",
-                  f"Validation bits per token (mean over seeds) after each number of epochs over the first "
-                  f"{sh['unique_tokens']:,} training tokens (Prabhudesai et al. 2025, arXiv 2507.15857). A diffusion "
-                  "figure is an upper bound: below AR's exact figure is conclusive, above it is not.", ""]
-        rows = [[name] + [fmt(models[name]["aggregate"].get(f"bits_per_token@epoch{e:g}")) for e in dc["epoch_marks"]]
-                for name in models]
-        lines += _table(["model"] + [f"{e:g} ep" for e in dc["epoch_marks"]], rows)
-        lines += [""]
-        for c in dc["crossings"]:
-            start = "below" if c["starts_below"] else "above"
-            flips = "; ".join(f"crosses {f['to']} between {f['between'][0]:g} and {f['between'][1]:g} epochs"
-                              for f in c["crossings"]) or "never crosses"
-            lines.append(f"- {c['model']} against {c['reference']}: {start} it after {_epochs(dc['epoch_marks'][0])}; "
-                         f"{flips}; {'below' if c['ends_below'] else 'above'} it after {_epochs(dc['epoch_marks'][-1])}.")
 
-    lines += ["", "## Every run", ""]
+def _data_constrained(results: dict) -> list[str]:
+    """Validation bits at every epoch mark and where the bounded curves cross the exact ones."""
+    models, sh, dc = results["models"], results["shared"], results["data_constrained"]
+    lines = ["", "## Data-constrained training", "",
+             f"Validation bits per token (mean over seeds) after each number of epochs over the first "
+             f"{sh['unique_tokens']:,} training tokens (Prabhudesai et al. 2025, arXiv 2507.15857). A diffusion "
+             "figure is an upper bound: below AR's exact figure is conclusive, above it is not.", ""]
+    rows = [[name] + [fmt(models[name]["aggregate"].get(f"bits_per_token@epoch{e:g}")) for e in dc["epoch_marks"]]
+            for name in models]
+    lines += _table(["model"] + [f"{e:g} ep" for e in dc["epoch_marks"]], rows)
+    lines += [""]
+    for c in dc["crossings"]:
+        start = "below" if c["starts_below"] else "above"
+        flips = "; ".join(f"crosses {f['to']} between {f['between'][0]:g} and {f['between'][1]:g} epochs"
+                          for f in c["crossings"]) or "never crosses"
+        lines.append(f"- {c['model']} against {c['reference']}: {start} it after {_epochs(dc['epoch_marks'][0])}; "
+                     f"{flips}; {'below' if c['ends_below'] else 'above'} it after {_epochs(dc['epoch_marks'][-1])}.")
+    return lines
+
+
+def _every_run(results: dict) -> list[str]:
+    """One row per (model, seed) run: its bits, final loss and training speed."""
+    lines = ["", "## Every run", ""]
     rows = []
-    for name, r in models.items():
+    for name, r in results["models"].items():
         for run, f in r["figures"].items():
             rows.append([run, f"{f.get('bits_per_token', float('nan')):.4f} ± {f.get('stderr_bits_per_token', float('nan')):.4f}",
                          f"{f.get('bits_per_byte', float('nan')):.4f}", f"{f.get('train_loss', float('nan')):.4f}",
@@ -276,8 +317,7 @@ def render(results: dict, plots: list[str]) -> str:
     lines += _table(["run", "bits/token ± stderr", "bits/byte", "final loss", "training tokens/s", "training s"], rows)
     lines += ["", "Run folders are under `runs/` (`dlm eval runs/NAME`, `dlm sample runs/NAME`); every figure is in "
               "`results.json`.", ""]
-    lines += [f"![{p}]({p})" for p in plots]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def speed_columns(batches: list[int]) -> list[tuple[str, str]]:
