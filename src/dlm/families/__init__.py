@@ -4,6 +4,7 @@ from dlm.schema import RunConfig
 from dlm.families.autoregressive import Autoregressive
 from dlm.families.base import Family
 from dlm.families.d3pm import D3PM
+from dlm.families.diffusion import DiffusionFamily
 from dlm.families.mdlm import MDLM
 from dlm.families.usdm import USDM
 from dlm.registry import Registry
@@ -13,6 +14,10 @@ FAMILIES.register("mdlm")(MDLM)
 FAMILIES.register("ar")(Autoregressive)
 FAMILIES.register("usdm")(USDM)
 FAMILIES.register("d3pm")(D3PM)
+# GIDD's mask + uniform hybrid (docs/gidd.md): a preset, its bound the time integral of its ELBO
+Gidd = DiffusionFamily.preset("gidd", "mask + uniform hybrid", "hybrid", default_objective="elbo",
+                              bound_objective="elbo", default_time_conditioning=True)
+FAMILIES.register("gidd")(Gidd)
 
 
 def resolve_components(cfg: RunConfig) -> None:
@@ -21,4 +26,4 @@ def resolve_components(cfg: RunConfig) -> None:
     FAMILIES.get(cfg.family).resolve(cfg)
 
 
-__all__ = ["FAMILIES", "Family", "MDLM", "Autoregressive", "USDM", "D3PM", "resolve_components"]
+__all__ = ["FAMILIES", "Family", "MDLM", "Autoregressive", "USDM", "D3PM", "Gidd", "resolve_components"]

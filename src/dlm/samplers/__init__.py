@@ -7,6 +7,7 @@ from dlm.samplers.base import (DiffusionSamplerSettings, Sampler, SamplerSetting
                                sample_categorical)
 from dlm.samplers.d3pm_ancestral import D3PMAncestralSampler
 from dlm.samplers.fast_dllm import FastDllmSampler
+from dlm.samplers.hybrid_ancestral import HybridAncestralSampler, SelfCorrectSampler
 from dlm.samplers.llada import LLaDASampler
 from dlm.samplers.masked_ancestral import MaskedAncestralSampler
 from dlm.samplers.remdm import ReMDMSampler
@@ -20,6 +21,8 @@ SAMPLERS.register("fast-dllm", processes=("masked",))(FastDllmSampler)
 SAMPLERS.register("ancestral", processes=("uniform",))(UniformAncestralSampler)
 SAMPLERS.register("ancestral", processes=("d3pm-absorbing", "d3pm-uniform"))(D3PMAncestralSampler)
 SAMPLERS.register("ancestral", processes=("causal",))(AutoregressiveSampler)
+SAMPLERS.register("ancestral", processes=("hybrid",))(HybridAncestralSampler)
+SAMPLERS.register("self-correct", processes=("hybrid",))(SelfCorrectSampler)
 
 # the per-family views of earlier versions (a family reads its own through ``Family.samplers``)
 MASKED_SAMPLERS = SAMPLERS.for_process("masked", "masked-diffusion sampler")
