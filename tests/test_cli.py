@@ -230,6 +230,20 @@ def test_resume_refuses_a_different_tokenizer(trained, tmp_path, capsys):
     one_line_error(*run(["train", "--out", str(run_dir), "--resume", "--quiet"], capsys)[::2], "already finished 2 steps")
 
 
+def test_switching_sampler_starts_from_its_own_defaults(trained, capsys):
+    """A run left at the ancestral sampler (boolean ``cache``) samples with Fast-dLLM (whose
+    ``cache`` is a mode): the ancestral setting does not carry over, and Fast-dLLM's own errors
+    are the ones reported (issue 19, item 1)."""
+    code, out, err = run(["sample", str(trained), "--sampler", "fast-dllm", "--num", "2", "--length", "8"], capsys)
+    assert code == 0, err
+    assert len([line for line in out.splitlines() if line.strip()]) >= 2
+    for bad, words in [("sampler.threshold=-1", "threshold"), ("sampler.threshold=nan", "threshold"),
+                       ("sampler.block_length=0", "block_length"), ("sampler.cache=true", "cache")]:
+        code, _, err = run(["sample", str(trained), "--sampler", "fast-dllm", bad], capsys)
+        one_line_error(code, err, words)
+        assert "must be a string, got True" not in err or bad == "sampler.cache=true"
+
+
 def test_sample_length_longer_than_trained(trained, capsys):
     one_line_error(*run(["sample", str(trained), "--length", "4096"], capsys)[::2], "--length must be in [1, 32]")
     one_line_error(*run(["sample", str(trained), "--length", "4", "--prompt", "To be or not"], capsys)[::2],

@@ -98,23 +98,39 @@ def test_process_prior_is_in_its_input_vocabulary(name):
     assert torch.equal(x1, process.prior((B, L), torch.Generator().manual_seed(0), "cpu"))  # repeatable
 
 
-@pytest.mark.parametrize("name", PROCESSES.names())
-def test_process_marginals_follow_the_schedule(name):
-    """P(x_t = x0) = α_t + (1 − α_t)·π(x0) at every t, π the prior's marginal: t = 0 is the
-    identity, t = 1 the prior."""
+def process_variants() -> list[tuple[str, dict]]:
+    """Every registered process at its defaults, and once more with each setting it declares
+    that changes the marginal (a hybrid's uniform share) set away from its default."""
+    out = [(name, {}) for name in PROCESSES.names()]
+    out += [(name, {"p_u": 0.2}) for name in PROCESSES.names() if "p_u" in _fields(PROCESSES.get(name))]
+    return out
+
+
+def make_process_with(name: str, changes: dict):
     process = make_process(name)
-    pi = prior_marginal(process)
+    if changes:
+        process = type(process)(V, get_schedule("loglinear"), dataclasses.replace(process.settings, **changes))
+        check_settings(process.settings)
+    return process
+
+
+@pytest.mark.parametrize("name,changes", process_variants())
+def test_process_marginals_are_what_corrupt_draws(name, changes):
+    """The histogram of ``corrupt`` at t is the process's own marginal q_t(· | x0) at every t
+    (t = 0 the identity, t = 1 the prior), and ``prior`` draws ``prior_probs``."""
+    process = make_process_with(name, changes)
     n = 40000
     x0 = torch.full((n // 8, 8), 4)
-    for t in (0.0, 0.3, 0.7, 1.0):
+    one_hot = torch.nn.functional.one_hot(torch.tensor(4), V).double()
+    assert torch.allclose(prior_marginal(process), process.prior_probs(), atol=0.015)
+    for t in (0.0, 0.3, 0.5, 0.7, 1.0):
         tt = torch.full((x0.shape[0],), t)
         xt = process.corrupt(x0, tt, torch.Generator().manual_seed(5))
-        alpha = float(process.schedule.alpha(torch.tensor(t, dtype=torch.float64)))
-        kept = float((xt == x0).double().mean())
-        assert kept == pytest.approx(alpha + (1 - alpha) * float(pi[4]), abs=0.015), (t, kept)
-        if t == 1.0:  # the whole marginal is the prior's
-            hist = torch.bincount(xt.flatten(), minlength=process.input_vocab_size).double() / xt.numel()
-            assert float((hist - pi).abs().max()) < 0.015
+        hist = torch.bincount(xt.flatten(), minlength=process.input_vocab_size).double() / xt.numel()
+        expected = process.marginal(one_hot, torch.tensor(t, dtype=torch.float64))
+        assert expected.shape == hist.shape and float(expected.sum()) == pytest.approx(1.0, abs=1e-12)
+        assert float((hist - expected).abs().max()) < 0.015, (t, hist, expected)
+    assert torch.allclose(process.marginal(one_hot, torch.tensor(1.0, dtype=torch.float64)), process.prior_probs(), atol=1e-9)
 
 
 @pytest.mark.parametrize("name", PROCESSES.names())

@@ -60,6 +60,8 @@ class Process(nn.Module, ABC):
     * ``predicted(xt)`` → where the reverse step depends on the network (elsewhere nothing is
       scored and no logits are computed);
     * ``time(frac, t_min)`` → the times of uniform draws ``frac`` (continuous: [t_min, 1]);
+    * ``marginal(x, t)`` / ``prior_probs()`` → q_t(· | x) and the prior of one token, for
+      processes over token states (the contract tests hold ``corrupt`` and ``prior`` to them);
     * ``Settings``: a dataclass of the process's own settings (the run config's ``process:``
       section), ``NoSettings`` when it has none.
 
@@ -95,6 +97,20 @@ class Process(nn.Module, ABC):
     @abstractmethod
     def prior(self, shape: tuple[int, ...], generator: torch.Generator, device) -> torch.Tensor:
         """Sample x_1 from the prior."""
+
+    def prior_probs(self, dtype=torch.float64) -> torch.Tensor:
+        """(input_vocab_size,): the prior's distribution of one token (x_1 ~ prior)."""
+        raise NotImplementedError(f"{type(self).__name__} has no distribution over tokens at t = 1")
+
+    def marginal(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q_t(· | x), (…, input_vocab_size), for probability vectors ``x`` (…, V) over the data
+        tokens (one-hot x0, or x_θ); ``t`` broadcastable to x's leading dims. Here
+        α_t·x + (1 − α_t)·π with π the prior's distribution, in the dtype of x; a process whose
+        noise is not a fixed mixture (GIDD's hybrid) overrides it."""
+        alpha = self.schedule.alpha(t.double()).to(x.dtype)[..., None]
+        pi = self.prior_probs(x.dtype).to(x.device)
+        data = torch.nn.functional.pad(x, (0, pi.shape[-1] - x.shape[-1]))
+        return alpha * data + (1.0 - alpha) * pi
 
     def predicted(self, xt: torch.Tensor) -> torch.Tensor:
         """(B, L) bool: positions where the reverse step depends on the network."""

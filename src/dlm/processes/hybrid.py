@@ -116,6 +116,9 @@ class HybridProcess(Process):
     def prior(self, shape, generator, device):
         return torch.full(shape, self.mask_id, dtype=torch.long, device=device)
 
+    def prior_probs(self, dtype=torch.float64):
+        return torch.nn.functional.one_hot(torch.tensor(self.mask_id), self.input_vocab_size).to(dtype)
+
     def step_parts(self, t: torch.Tensor, s: torch.Tensor):
         """The reverse step t → s (s < t) as the pieces of the posterior, float64:
         (α_{t|s}, b_{t|s}(m), b_{t|s}(y), (α_s, b_s(m), b_s(y))), where

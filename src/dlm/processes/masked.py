@@ -53,6 +53,9 @@ class MaskedProcess(Process):
     def prior(self, shape, generator, device):
         return torch.full(shape, self.mask_id, dtype=torch.long, device=device)
 
+    def prior_probs(self, dtype=torch.float64):
+        return torch.nn.functional.one_hot(torch.tensor(self.mask_id), self.input_vocab_size).to(dtype)
+
     def unmask_probability(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """q(x_s ≠ m | x_t = m) = (α_s − α_t) / (1 − α_t); exactly 1 when s = 0."""
         alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s)

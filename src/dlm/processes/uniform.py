@@ -49,6 +49,9 @@ class UniformProcess(Process):
     def prior(self, shape, generator, device):
         return torch.randint(0, self.vocab_size, shape, generator=generator, device=device)
 
+    def prior_probs(self, dtype=torch.float64):
+        return torch.full((self.vocab_size,), 1.0 / self.vocab_size, dtype=dtype)
+
     def posterior(self, xt: torch.Tensor, x: torch.Tensor, alpha_t: torch.Tensor, alpha_s: torch.Tensor) -> torch.Tensor:
         """q(x_s | x_t, x) as probabilities (…, V).
 

@@ -7,7 +7,6 @@ finished (``torch.cuda.synchronize``), so the seconds are the sampling's and not
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
@@ -15,7 +14,6 @@ import torch
 from dlm.device import generator
 from dlm.errors import DlmError
 from dlm.infill import parse_template
-from dlm.settings import ComponentConfig
 
 
 def sampler_settings(run, steps: int | None = None, temperature: float | None = None,
@@ -25,23 +23,20 @@ def sampler_settings(run, steps: int | None = None, temperature: float | None = 
     settings, then ``sampler.KEY=VALUE`` ``overrides`` and the keyword values that are not None
     on top, checked in one place; returns the chosen sampler's settings.
 
-    A sampler other than the run's keeps only the run's settings it shares (steps, temperature…).
+    A sampler other than the run's starts from its own defaults and keeps, of the run's, only
+    the settings every sampler of the process shares (``Family.sampler_section``).
     """
     from dlm.config import parse_override
 
-    own = run.cfg.sampler
-    settings = dict(own.settings)
-    if name is not None and name != own.name:  # another sampler: keep only the settings it shares
-        fields = {f.name for f in dataclasses.fields(run.family.samplers.get(name).Settings)}
-        settings = {k: v for k, v in settings.items() if k in fields}
+    changes = {}
     for text in overrides:
         key, value = parse_override(text)
         if not key.startswith("sampler.") or key == "sampler.name":
             raise DlmError(f"only sampler settings can be given here (sampler.KEY=VALUE), got '{key}'")
-        settings[key[len("sampler."):]] = value
+        changes[key[len("sampler."):]] = value
     given = {"steps": steps, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    settings.update({k: v for k, v in given.items() if v is not None})
-    return run.family.choose_sampler(ComponentConfig(name or own.name, settings))
+    changes.update({k: v for k, v in given.items() if v is not None})
+    return run.family.choose_sampler(run.family.sampler_section(name, changes))
 
 
 def _synchronize(run) -> None:
