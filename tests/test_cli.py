@@ -325,6 +325,22 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(trained, tmp_p
     assert names == ["latest", "step_00000002", "step_00000003"]  # the killed writer's folder is gone
 
 
+def test_the_divergence_message_names_the_checkpoint_that_exists():
+    """Losses seen finite up to a step do not make a checkpoint: the message says which one is
+    intact, or that none was written."""
+    from dlm.errors import DlmError
+    from dlm.trainer.divergence import DivergenceGuard
+
+    for saved, words in [(None, "no checkpoint was written"), (4, "the checkpoint of step 4 is intact")]:
+        guard = DivergenceGuard(torch.device("cpu"), step=0)
+        guard.observe(torch.tensor(1.0))
+        guard.check(5, saved)  # finite: passes, and step 5 is the last seen finite
+        guard.observe(torch.tensor(float("nan")))
+        with pytest.raises(DlmError) as e:
+            guard.check(8, saved)
+        assert "between steps 6 and 8" in str(e.value) and words in str(e.value)
+
+
 def test_a_diverging_run_stops_with_one_line_and_can_start_again(corpus, tmp_path, capsys):
     """A learning rate that blows the loss up: one line naming the steps, no checkpoint of a
     diverged model, and the same folder takes a fresh start (nothing was saved to resume)."""

@@ -44,6 +44,7 @@ class Checkpointer:
                  loader: BlockLoader, device: torch.device, keep: int):
         self.out, self.dist, self.model, self.opt, self.ema = out, dist, model, opt, ema
         self.loader, self.device, self.keep = loader, device, keep
+        self.saved: int | None = None  # the step of the newest checkpoint in the folder
 
     def trainer_state(self, state: TrainState) -> dict[str, Any]:
         """The contents of ``trainer.pt``."""
@@ -59,6 +60,7 @@ class Checkpointer:
     def save(self, state: TrainState) -> None:
         """Checkpoint ``state.step``, atomically (every rank calls this)."""
         step, dist = state.step, self.dist
+        self.saved = step
         if not dist.enabled:
             save_checkpoint(self.out, step, self.model, self.ema.shadow if self.ema else None,
                             self.trainer_state(state), self.keep)
@@ -96,3 +98,4 @@ class Checkpointer:
         except (KeyError, ValueError, RuntimeError) as e:
             raise DlmError(f"checkpoint in {self.out} does not fit this run: {e}") from None
         state.load_state_dict(st, ckpt.step)
+        self.saved = ckpt.step

@@ -72,7 +72,7 @@ class Trainer:
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len * dist.world
         self.reporter = Reporter(cfg, out, self.state, self.params, enabled=dist.is_main, progress=progress)
         self.throughput = Throughput(self.per_token, self.peak, device, compiling=t.compile, probe_s=probe_s)
-        self.guard = DivergenceGuard(device, self.state.step, resumed=resume)
+        self.guard = DivergenceGuard(device, self.state.step)
         self.stopping = Stopping(t.steps, t.time_budget_s, dist)
 
     def _build_model(self, init_from: Path | None) -> None:
@@ -109,7 +109,7 @@ class Trainer:
             while self.stopping.should_continue(self.state.step):
                 self.train_step()
                 self.after_step(time.perf_counter())
-            self.guard.check(self.state.step)
+            self.guard.check(self.state.step, self.checkpointer.saved)
             loss = self.reporter.final_loss()
             self.checkpointer.save(self.state)
         return self.result(loss)
@@ -141,10 +141,10 @@ class Trainer:
         t, step = self.cfg.train, self.state.step
         logging = step % t.log_every == 0 or step == t.steps
         if logging:
-            self.guard.check(step)
+            self.guard.check(step, self.checkpointer.saved)
             self.reporter.write(self.state, now, self.throughput.fields(now))
         if t.ckpt_every and step % t.ckpt_every == 0:
-            self.guard.check(step)
+            self.guard.check(step, self.checkpointer.saved)
             self.checkpointer.save(self.state)
         self.stopping.after_step(self.state, now, logging)
 
