@@ -298,9 +298,88 @@ def cmd_bench_compare(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dlm", description="Diffusion language models and their autoregressive baseline.")
+    p = _Parser(prog="dlm", description="Diffusion language models and their autoregressive baseline.")
     sub = p.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
+class _FromRegistries:
+    """A help text built from the registries when help is printed (not when the parser is
+    built: the registries import torch, which a refused flag should not wait for)."""
+
+    def __init__(self, text: str, **fields):
+        self.text, self.fields = text, fields
+
+    def __str__(self) -> str:
+        return self.text.format(**{k: f() for k, f in self.fields.items()})
+
+    def __mod__(self, params) -> str:  # argparse expands %(default)s and the like
+        return str(self) % params
+
+    def strip(self) -> str:
+        return str(self).strip()
+
+
+def _family_names() -> str:
+    from dlm.families import FAMILIES
+
+    return " | ".join(FAMILIES.names())
+
+
+def _per_family(kind: str) -> str:
+    """Each family's objectives or samplers, its default first, from the registries:
+    ``mdlm: nelbo | llada | …; usdm: …``."""
+    from dlm.families import FAMILIES
+    from dlm.objectives import OBJECTIVES
+    from dlm.samplers import SAMPLERS
+
+    registry = {"objective": OBJECTIVES, "sampler": SAMPLERS}[kind]
+    parts = []
+    for name in FAMILIES.names():
+        family = FAMILIES.get(name)
+        processes = list(dict.fromkeys(family.process_choices.values())) or ["causal"]
+        default = getattr(family, f"default_{kind}")
+        names = sorted(sorted({n for process in processes for n in registry.names(process)}), key=lambda n: n != default)
+        parts.append(f"{name}: {' | '.join(names)}")
+    return "; ".join(parts)
+
+
+def _names_of(module: str, attr: str):
+    def names() -> str:
+        import importlib
+
+        registry = getattr(importlib.import_module(module), attr)
+        return " | ".join(registry.names() if hasattr(registry, "names") else registry)
+    return names
+
+
+def _sampler_help(default: str) -> _FromRegistries:
+    return _FromRegistries("the family's sampler (" + default + "; the family's default first): {samplers}; "
+                           "its settings as sampler.KEY=VALUE (docs/samplers.md)",
+                           samplers=lambda: _per_family("sampler"))
+
+
+class _UsageError(Exception):
+    """An argparse complaint (a flag of the wrong type, a missing argument): one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error raises :class:`_UsageError` instead of printing the whole
+    usage block and exiting (sub-command parsers are of the same class)."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _is_main_rank() -> bool:
+    """Under torchrun only rank 0 reports an error (every rank still exits 2)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _error(message: str) -> int:
+    if _is_main_rank():
+        print(f"dlm: error: {message}", file=sys.stderr)
+    return 2
+
+
     _add_eval_parser(sub)
     _add_sample_parser(sub)
     _add_quickstart_parser(sub)
@@ -314,21 +393,23 @@ def _add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a model into a run folder")
     t.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
     t.add_argument("--config", help="YAML config file, or the name of a shipped config (e.g. quickstart)")
-    t.add_argument("--family", help="mdlm | usdm | d3pm | ar")
-    t.add_argument("--objective", help="the family's objective (mdlm: nelbo | nelbo-count | llada; "
-                   "usdm: nelbo | naive | sddlm | sddlm-v1 | sddlm-v2; d3pm: hybrid; ar: ce)")
-    t.add_argument("--schedule", help="loglinear | linear | cosine | geometric")
+    t.add_argument("--family", help=_FromRegistries("{families} (default mdlm)", families=_family_names))
+    t.add_argument("--objective", help=_FromRegistries("the family's objective, its default first: {objectives}",
+                                                       objectives=lambda: _per_family("objective")))
+    t.add_argument("--schedule", help=_FromRegistries("{names} (default loglinear)",
+                                                      names=_names_of("dlm.schedules", "SCHEDULES")))
     t.add_argument("--data", help="built-in corpus (shakespeare), file, folder, wikitext-103 | openwebtext | lm1b | text8, or hf:REPO[:CONFIG]")
-    t.add_argument("--tokenizer", help="char | byte | bpe | gpt2")
+    t.add_argument("--tokenizer", help=_FromRegistries("{names} (default bpe)",
+                                                       names=_names_of("dlm.data.tokenizers", "TOKENIZERS")))
     t.add_argument("--vocab-size", type=int, help="bpe vocabulary size")
-    t.add_argument("--size", help="tiny | mini | micro | small | medium")
-    t.add_argument("--seq-len", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--grad-accum", type=int)
-    t.add_argument("--steps", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--device")
+    t.add_argument("--size", help=_FromRegistries("{names} (default tiny)", names=_names_of("dlm.backbones.sizes", "SIZES")))
+    t.add_argument("--seq-len", type=int, help="tokens per training sequence (data.seq_len, default 128)")
+    t.add_argument("--batch-size", type=int, help="sequences per micro-batch and rank (train.batch_size, default 32)")
+    t.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (train.grad_accum, default 1)")
+    t.add_argument("--steps", type=int, help="optimiser steps (train.steps, default 500)")
+    t.add_argument("--lr", type=float, help="peak learning rate (train.lr, default 1e-3)")
+    t.add_argument("--seed", type=int, help="seed of the weights, the data order and the noise (train.seed, default 0)")
+    t.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N | mps")
     t.add_argument("--time-budget", type=float, help="stop after this many seconds (LR schedule follows time)")
     t.add_argument("--parallel", choices=["ddp", "fsdp"],
                    help="under torchrun: ddp (default) or fsdp (FSDP2: weights, gradients, optimiser and EMA sharded)")
@@ -345,12 +426,12 @@ def _add_train_parser(sub) -> None:
 def _add_eval_parser(sub) -> None:
     """``dlm eval``: likelihood, ``--samples`` (Gen PPL, entropy) and ``--answers`` (pairs runs)."""
     e = sub.add_parser("eval", help="likelihood (NLL, PPL, bits per token and per byte) of a run, and sample quality")
-    e.add_argument("run")
+    e.add_argument("run", help="a run folder")
     e.add_argument("--data", help="evaluate on this data (tokenised with the run's tokenizer)")
-    e.add_argument("--split", choices=["val", "train"], default="val")
+    e.add_argument("--split", choices=["val", "train"], default="val", help="the split to evaluate (default val)")
     e.add_argument("--mc-samples", type=int, help="diffusion: Monte Carlo time samples per sequence")
     e.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens (0: all)")
-    e.add_argument("--batch-size", type=int)
+    e.add_argument("--batch-size", type=int, help="sequences per network call (default: the run's eval.batch_size)")
     e.add_argument("--time-stride", type=int, help="d3pm: the bound of the T/K-step model (every K-th step term; "
                    "default: the run's eval.time_stride)")
     e.add_argument("--carry", type=float, help="usdm: bound the model whose x_θ = (1 − λ)·softmax + λ·e_{x_t} "
@@ -358,21 +439,23 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--log-t-share", type=float, help="usdm, mdlm with time conditioning: the share of Monte Carlo "
                    "times drawn log-uniformly on [1e-5, 1], importance-weighted (in [0, 1); default: the run's "
                    "eval.log_t_share, else the family's: usdm 0.25, mdlm 0)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="auto")
+    e.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws and samples (default 0)")
+    e.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N | mps")
     e.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     e.add_argument("--samples", type=int, help="also draw this many unconditional samples and report their Gen PPL and entropy")
     e.add_argument("--steps", type=int, help="diffusion steps for --samples and --answers (default: the run's sampler.steps; ignored by ar)")
     e.add_argument("--judge", help="judge for Gen PPL: smollm2-135m (default) or a local Hugging Face causal-LM folder")
     e.add_argument("--sample-batch", type=int, default=16, help="samples (or answers) drawn per batch (default 16)")
-    e.add_argument("--temperature", type=float)
-    e.add_argument("--top-k", type=int)
-    e.add_argument("--top-p", type=float)
+    e.add_argument("--temperature", type=float, help="sampling temperature (0: greedy; default: the run's, "
+                   "and 0 for --answers)")
+    e.add_argument("--top-k", type=int, help="keep the K likeliest tokens (0: all; default: the run's)")
+    e.add_argument("--top-p", type=float, help="nucleus sampling: keep the likeliest tokens up to this mass "
+                   "(1: all; default: the run's)")
     e.add_argument("--answers", type=int, help="pairs runs: answer the first N prompts of --split (greedy unless "
                    "--temperature) and report exact match and token accuracy against the responses")
     e.add_argument("--no-likelihood", action="store_true", help="with --samples or --answers: skip the likelihood evaluation")
-    e.add_argument("--sampler", help="the family's sampler for --samples / --answers (default: the run's)")
+    e.add_argument("--sampler", help=_sampler_help("for --samples / --answers; default: the run's"))
     e.add_argument("overrides", nargs="*", help="sampler settings for --samples / --answers, e.g. sampler.top_p=0.9")
     e.set_defaults(func=cmd_eval)
 
@@ -380,20 +463,22 @@ def _add_eval_parser(sub) -> None:
 def _add_sample_parser(sub) -> None:
     """``dlm sample``: unconditional, ``--prompt`` or ``--infill`` samples."""
     s = sub.add_parser("sample", help="generate text from a run")
-    s.add_argument("run")
-    s.add_argument("--num", type=int, default=4)
+    s.add_argument("run", help="a run folder")
+    s.add_argument("--num", type=int, default=4, help="how many samples (default 4)")
     s.add_argument("--steps", type=int, help="diffusion steps (ignored by ar: one step per token)")
     s.add_argument("--length", type=int, help="tokens per sample (default: the training seq_len)")
     s.add_argument("--prompt", help="text the samples start with (kept fixed); each answer stops at end-of-text")
     s.add_argument("--infill", help="a template whose [MASK*N] holes (N tokens each) are filled, the text around them kept")
-    s.add_argument("--temperature", type=float)
-    s.add_argument("--top-k", type=int)
-    s.add_argument("--top-p", type=float)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--no-ema", action="store_true")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--sampler", help="the family's sampler to use (default: the run's sampler.name)")
+    s.add_argument("--temperature", type=float, help="sampling temperature (0: greedy, every sample the same; "
+                   "default: the run's sampler.temperature)")
+    s.add_argument("--top-k", type=int, help="keep the K likeliest tokens (0: all; default: the run's sampler.top_k)")
+    s.add_argument("--top-p", type=float, help="nucleus sampling: keep the likeliest tokens up to this mass "
+                   "(1: all; default: the run's sampler.top_p)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
+    s.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N | mps")
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    s.add_argument("--json", action="store_true", help="print the samples and their timing as one JSON object")
+    s.add_argument("--sampler", help=_sampler_help("default: the run's sampler.name"))
     s.add_argument("overrides", nargs="*", help="sampler settings, e.g. sampler.steps=64")
     s.set_defaults(func=cmd_sample)
 
@@ -402,10 +487,10 @@ def _add_quickstart_parser(sub) -> None:
     """``dlm quickstart``: train, evaluate and sample the small shipped config."""
     q = sub.add_parser("quickstart", help="train, evaluate and sample a small MDLM on the built-in corpus")
     q.add_argument("--out", help="run folder (default: runs/quickstart, or the next free runs/quickstart-N)")
-    q.add_argument("--family", help="mdlm (default) or ar")
-    q.add_argument("--steps", type=int)
-    q.add_argument("--device")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--family", help=_FromRegistries("{families} (default mdlm)", families=_family_names))
+    q.add_argument("--steps", type=int, help="optimiser steps (default: the quickstart config's)")
+    q.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N | mps")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.add_argument("overrides", nargs="*", help="key=value config overrides")
     q.set_defaults(func=cmd_quickstart)
 
@@ -413,14 +498,14 @@ def _add_quickstart_parser(sub) -> None:
 def _add_lm_eval_parser(sub) -> None:
     """``dlm lm-eval``: lm-evaluation-harness tasks on a run."""
     le = sub.add_parser("lm-eval", help="run EleutherAI lm-evaluation-harness tasks on a run (pip install 'dlm[lm-eval]')")
-    le.add_argument("run")
+    le.add_argument("run", help="a run folder")
     le.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     le.add_argument("--include-path", help="a folder of task YAMLs (local tasks)")
     le.add_argument("--limit", type=int, help="at most this many documents per task")
     le.add_argument("--mc-samples", type=int, help="diffusion: Monte Carlo samples per log-likelihood (default: the run's eval.mc_samples)")
     le.add_argument("--batch-size", type=int, help="rows per network call (default: the run's eval.batch_size)")
-    le.add_argument("--seed", type=int, default=0)
-    le.add_argument("--device", default="auto")
+    le.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws (default 0)")
+    le.add_argument("--device", default="auto", help="auto (default) | cpu | cuda | cuda:N | mps")
     le.add_argument("--json", action="store_true", help="print lm-eval's result dict as JSON")
     le.set_defaults(func=cmd_lm_eval)
 
@@ -446,28 +531,28 @@ def _add_bench_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # `key=value` overrides may stand before, between or after the flags
-    args, extra = parser.parse_known_args(argv)
-    bad = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    try:  # `key=value` overrides may stand before, between or after the flags
+        args, extra = parser.parse_known_args(argv)
+        bad = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+        if bad:
+            prog = " ".join(["dlm", *(n for n in (args.command, getattr(args, "bench", None)) if n)])
+            raise _UsageError(f"{prog}: unrecognized arguments: {' '.join(bad)} (see `{prog} --help`)")
+    except _UsageError as e:
+        return _error(str(e))
     if extra:
         args.overrides = [*args.overrides, *extra]
     args.argv = argv  # the command as typed, for reports (None: sys.argv)
     try:
         return args.func(args)
     except DlmError as e:
-        print(f"dlm: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     except KeyboardInterrupt:
         print("dlm: interrupted", file=sys.stderr)
         return 130
     except (RuntimeError, MemoryError) as e:
         if not _out_of_memory(e):
             raise  # a bug: its traceback must reach us
-        print(f"dlm: error: out of memory: {_allocation(e)} (lower --batch-size / --num / train.batch_size)",
-              file=sys.stderr)
-        return 2
+        return _error(f"out of memory: {_allocation(e)} (lower --batch-size / --num / train.batch_size)")
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -1,0 +1,95 @@
+"""First use (issue 19): usage errors in one line, help texts from the registries, what
+``dlm sample`` says about greedy copies and empty answers, a time budget that says it ended
+training, and what SFT evaluation figures cover."""
+
+import json
+
+import pytest
+
+from dlm.cli import build_parser, main
+from helpers import TINY, one_line_error, run
+
+
+# ---- usage errors: one line, rank 0 alone ---------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["eval", "RUN", "--mc-samples", "abc"], "argument --mc-samples: invalid int value: 'abc'"),
+    (["sample", "RUN", "--temperature", "hot"], "invalid float value: 'hot'"),
+    (["train", "--parallel", "tp", "--out", "x"], "invalid choice: 'tp'"),
+    (["train"], "the following arguments are required: --out"),
+    ([], "the following arguments are required: command"),
+    (["bench"], "the following arguments are required: bench"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["sample", "RUN", "--bogus"], "dlm sample: unrecognized arguments: --bogus"),
+])
+def test_a_usage_error_is_one_line(argv, fragment, capsys):
+    one_line_error(*run(argv, capsys)[::2], fragment)
+
+
+def test_under_torchrun_only_rank_0_prints_the_error(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    code, out, err = run(["eval", "RUN", "--mc-samples", "abc"], capsys)
+    assert code == 2 and out == "" and err == ""
+    code, out, err = run(["eval", "/nonexistent/run"], capsys)
+    assert code == 2 and err == ""
+    monkeypatch.setenv("RANK", "0")
+    one_line_error(*run(["eval", "/nonexistent/run"], capsys)[::2])
+
+
+def test_help_is_still_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--help"])
+    assert e.value.code == 0
+    assert "--temperature" in capsys.readouterr().out
+
+
+# ---- help texts: every flag has one, choices come from the registries ------------------------
+
+
+def _sub_parsers(parser, prefix="dlm"):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prefix} {name}", sub
+                yield from _sub_parsers(sub, f"{prefix} {name}")
+
+
+COMMANDS = ("dlm train", "dlm eval", "dlm sample", "dlm quickstart", "dlm lm-eval", "dlm bench compare")
+
+
+def test_every_flag_has_help():
+    import argparse
+
+    missing = [f"{prog} {a.option_strings or a.dest}" for prog, sub in _sub_parsers(build_parser()) if prog in COMMANDS
+               for a in sub._actions if not a.help and not isinstance(a, argparse._SubParsersAction)]
+    assert not missing, missing
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_choices_in_help_come_from_the_registries(capsys):
+    from dlm.families import FAMILIES
+    from dlm.objectives import OBJECTIVES
+    from dlm.samplers import SAMPLERS
+
+    train = _help(["train"], capsys)
+    for name in FAMILIES.names():
+        assert name in train
+    for name, process, _ in OBJECTIVES.entries():
+        assert name in train, (name, process)
+    for command in (["sample"], ["eval"]):
+        text = _help(command, capsys)
+        for name in FAMILIES.names():
+            family = FAMILIES.get(name)
+            processes = list(dict.fromkeys(family.process_choices.values())) or ["causal"]
+            names = sorted({n for p in processes for n in SAMPLERS.names(p)})
+            default = family.default_sampler
+            listed = " | ".join([default] + [n for n in names if n != default])
+            assert f"{name}: {listed}" in text, (name, listed)
