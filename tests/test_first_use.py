@@ -93,3 +93,31 @@ def test_choices_in_help_come_from_the_registries(capsys):
             default = family.default_sampler
             listed = " | ".join([default] + [n for n in names if n != default])
             assert f"{name}: {listed}" in text, (name, listed)
+
+
+# ---- dlm sample: greedy copies and empty answers are said ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ar_run(tmp_path_factory):
+    """A tiny AR run on documents 'ab' (end-of-text between them): after 'ab' it ends at once."""
+    d = tmp_path_factory.mktemp("first-use")
+    corpus = d / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "ab"}) + "\n" for _ in range(3000)))
+    out = d / "ar"
+    assert main(["train", "--family", "ar", "--data", str(corpus), "--out", str(out), "--steps", "40", *TINY,
+                 "train.lr=3e-3", "train.warmup_steps=5"]) == 0
+    return out
+
+
+def test_greedy_copies_and_empty_answers_are_said(ar_run, capsys):
+    code, out, err = run(["sample", str(ar_run), "--prompt", "ab", "--temperature", "0", "--num", "3"], capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("dlm: note: ")]
+    assert any("all 3 samples are the same text" in n for n in notes), err
+    assert any("3 of 3 answers are empty: the model produced end-of-text right after the prompt" in n
+               for n in notes), err
+    assert out.count("──── sample") == 3
+    # different samples, answers that are not empty: no note
+    code, out, err = run(["sample", str(ar_run), "--prompt", "a", "--temperature", "0", "--num", "1"], capsys)
+    assert code == 0 and "dlm: note" not in err and "──── sample 1 ────\nab\n" in out, (out, err)

@@ -233,9 +233,27 @@ def cmd_sample(args) -> int:
 
 
 def _fresh_out(base: Path) -> Path:
+    for note in _sample_notes(result["samples"], args.prompt):
+        print(f"dlm: note: {note}", file=sys.stderr)
     if not base.exists():
         return base
     i = 2
+def _sample_notes(texts: list[str], prompt: str | None) -> list[str]:
+    """What a reader of ``dlm sample``'s output should be told: copies that are all the same
+    (greedy decoding is deterministic for a left-to-right model), answers that are empty."""
+    notes = []
+    if len(texts) > 1 and len(set(texts)) == 1:
+        notes.append(f"all {len(texts)} samples are the same text (at temperature 0 decoding is greedy and "
+                     "repeats itself; use --num 1, or a temperature above 0 for different samples)")
+    empty = sum(not t[len(prompt or ""):].strip() for t in texts)  # an answer's text begins with its prompt
+    if empty:
+        where = "right after the prompt" if prompt else "at once"
+        notes.append(f"{empty} of {len(texts)} {'answers' if prompt else 'samples'} are empty: the model "
+                     f"produced end-of-text {where} (a model not fine-tuned on prompt/response pairs may; "
+                     "try a temperature above 0, another prompt, or more training)")
+    return notes
+
+
     while Path(f"{base}-{i}").exists():
         i += 1
     return Path(f"{base}-{i}")
@@ -297,10 +315,6 @@ def cmd_bench_compare(args) -> int:
     return run_compare(spec, Path(args.out), command, progress=not args.quiet)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dlm", description="Diffusion language models and their autoregressive baseline.")
-    sub = p.add_subparsers(dest="command", required=True)
-    _add_train_parser(sub)
 class _FromRegistries:
     """A help text built from the registries when help is printed (not when the parser is
     built: the registries import torch, which a refused flag should not wait for)."""
@@ -384,6 +398,10 @@ def _error(message: str) -> int:
     _add_sample_parser(sub)
     _add_quickstart_parser(sub)
     _add_lm_eval_parser(sub)
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dlm", description="Diffusion language models and their autoregressive baseline.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub)
     _add_bench_parser(sub)
     return p
 
