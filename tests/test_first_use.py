@@ -121,3 +121,37 @@ def test_greedy_copies_and_empty_answers_are_said(ar_run, capsys):
     # different samples, answers that are not empty: no note
     code, out, err = run(["sample", str(ar_run), "--prompt", "a", "--temperature", "0", "--num", "1"], capsys)
     assert code == 0 and "dlm: note" not in err and "──── sample 1 ────\nab\n" in out, (out, err)
+
+
+# ---- a time budget that ends training says so ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_time_budget_that_ends_training_says_so(ar_run, tmp_path, capsys):
+    import re
+
+    from dlm.checkpoint import read_run_config
+
+    corpus = read_run_config(ar_run).data.data
+    out = tmp_path / "budget"
+    code, stdout, err = run(["train", "--family", "ar", "--data", corpus, "--out", str(out), "--steps", "1000000",
+                             "--time-budget", "1", "--json", *TINY], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["time_budget_ended"] is True and summary["steps_asked"] == 1_000_000
+    step = summary["step"]
+    assert 0 < step < 1_000_000
+    note = [line for line in err.splitlines() if line.startswith("dlm: note: ")]
+    assert len(note) == 1, err
+    assert f"training stopped at step {step:,} of 1,000,000 because its time budget of 1 s" in note[0]
+    assert f"at loss {summary['loss']:.4f}" in note[0]
+    command = re.search(r"`dlm (train [^`]*)`", note[0]).group(1).split()
+    assert command == ["train", "--out", str(out), "--resume", "--time-budget", "0"]
+    # the command it gives continues the run (two more steps here, not the million)
+    code, stdout, err = run([*command, "--steps", str(step + 2), "--json", "--quiet"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["step"] == step + 2 and "dlm: note" not in err
+    # a run that reaches its steps says nothing
+    code, stdout, err = run(["train", "--family", "ar", "--data", corpus, "--out", str(tmp_path / "all"),
+                             "--steps", "2", "--time-budget", "3600", "--json", *TINY], capsys)
+    assert code == 0 and "time_budget_ended" not in json.loads(stdout) and "dlm: note" not in err

@@ -70,15 +70,26 @@ def cmd_train(args) -> int:
         "elapsed_s": round(result.elapsed_s, 1),
         "params": result.params,
         **({"compile_s": round(result.compile_s, 1)} if cfg.train.compile else {}),
+        **({"steps_asked": result.steps, "time_budget_ended": True} if result.time_budget_ended else {}),
     }
     compiled = f"; compiling {result.compile_s:.0f} s (inductor's start-up and the first step)" if cfg.train.compile else ""
     print(json.dumps(summary) if args.json else f"trained {out}: step {result.step}, loss {result.loss:.4f}, "
           f"{result.tokens_per_s:,.0f} tokens/s, {result.elapsed_s:.0f} s{compiled}")
+    if result.time_budget_ended:
+        print(f"dlm: note: {_time_budget_note(result, cfg, out, f'loss {result.loss:.4f}')}", file=sys.stderr)
     if result.interrupted:
         print(f"stopped by {result.interrupted}; the checkpoint is saved: continue with "
               f"`dlm train --out {out} --resume`", file=sys.stderr)
         return 130 if result.interrupted == "SIGINT" else 143
     return 0
+
+
+def _time_budget_note(result, cfg, out: Path, reached: str) -> str:
+    """What a run the time budget ended should say: where it stopped, why, what it reached, how to go on."""
+    return (f"training stopped at step {result.step:,} of {result.steps:,} because its time budget of "
+            f"{cfg.train.time_budget_s:g} s (train.time_budget_s, --time-budget) ran out, at {reached}; continue "
+            f"with `dlm train --out {out} --resume --time-budget 0` (no time limit: the remaining "
+            f"{result.steps - result.step:,} steps, the learning rate following the steps from there)")
 
 
 def _format_samples(r: dict) -> str:
@@ -229,15 +240,11 @@ def cmd_sample(args) -> int:
             print(f"──── sample {i + 1} ────\n{text}\n")
         print(f"{len(result['samples'])} samples of {result['length']} tokens in {result['seconds']:.2f} s "
               f"({result['nfe']} network calls)")
+    for note in _sample_notes(result["samples"], args.prompt):
+        print(f"dlm: note: {note}", file=sys.stderr)
     return 0
 
 
-def _fresh_out(base: Path) -> Path:
-    for note in _sample_notes(result["samples"], args.prompt):
-        print(f"dlm: note: {note}", file=sys.stderr)
-    if not base.exists():
-        return base
-    i = 2
 def _sample_notes(texts: list[str], prompt: str | None) -> list[str]:
     """What a reader of ``dlm sample``'s output should be told: copies that are all the same
     (greedy decoding is deterministic for a left-to-right model), answers that are empty."""
@@ -254,6 +261,10 @@ def _sample_notes(texts: list[str], prompt: str | None) -> list[str]:
     return notes
 
 
+def _fresh_out(base: Path) -> Path:
+    if not base.exists():
+        return base
+    i = 2
     while Path(f"{base}-{i}").exists():
         i += 1
     return Path(f"{base}-{i}")
@@ -287,8 +298,13 @@ def cmd_quickstart(args) -> int:
     for i, text in enumerate(samples["samples"]):
         print(f"──── sample {i + 1} ────\n{text}\n")
     print(_format_eval(ev))
-    print(f"\n{result.step} steps at {result.tokens_per_s:,.0f} tokens/s; quickstart took {total / 60:.1f} min. "
+    steps = f"{result.step:,} of {result.steps:,} steps (the time budget ended training)" if result.time_budget_ended \
+        else f"{result.step:,} steps"
+    print(f"\n{steps} at {result.tokens_per_s:,.0f} tokens/s; quickstart took {total / 60:.1f} min. "
           f"Run folder: {out} (dlm eval {out} · dlm sample {out} --prompt 'ROMEO.')")
+    if result.time_budget_ended:
+        reached = f"{ev['bits_per_byte']:.3f} bits/byte on held-out text"
+        print(f"dlm: note: {_time_budget_note(result, cfg, out, reached)}", file=sys.stderr)
     return 0
 
 
@@ -394,14 +410,14 @@ def _error(message: str) -> int:
     return 2
 
 
-    _add_eval_parser(sub)
-    _add_sample_parser(sub)
-    _add_quickstart_parser(sub)
-    _add_lm_eval_parser(sub)
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dlm", description="Diffusion language models and their autoregressive baseline.")
     sub = p.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
+    _add_eval_parser(sub)
+    _add_sample_parser(sub)
+    _add_quickstart_parser(sub)
+    _add_lm_eval_parser(sub)
     _add_bench_parser(sub)
     return p
 

@@ -38,6 +38,8 @@ class TrainResult:
     params: int
     interrupted: str | None = None  # the signal's name when a signal stopped the run
     compile_s: float = 0.0  # train.compile: this session's compiler check and first (compiling) step
+    steps: int = 0  # train.steps, the steps the run was asked for
+    time_budget_ended: bool = False  # train.time_budget_s ran out before train.steps
 
 
 class Trainer:
@@ -153,4 +155,5 @@ class Trainer:
         elapsed = s.elapsed(time.perf_counter())
         return TrainResult(step=s.step, elapsed_s=elapsed, tokens=s.tokens, tokens_per_s=Throughput.overall(s, elapsed),
                            loss=loss, params=self.params, interrupted=self.stopping.stopped_by,
-                           compile_s=self.throughput.compile_s)
+                           compile_s=self.throughput.compile_s, steps=self.cfg.train.steps,
+                           time_budget_ended=self.stopping.time_budget_ended)

@@ -48,6 +48,7 @@ class Stopping:
         self.flag = StopFlag()
         self.stopped = False
         self.stopped_by: str | None = None  # the signal's name when a signal stopped the run
+        self.time_budget_ended = False  # the time budget, not train.steps, ended the run
 
     def __enter__(self) -> Stopping:
         self.flag.__enter__()
@@ -79,3 +80,4 @@ class Stopping:
         if signalled:
             self.stopped_by = self.flag.signal or "SIGTERM"
         self.stopped = signalled or over_budget
+        self.time_budget_ended = over_budget and not signalled and state.step < self.steps
