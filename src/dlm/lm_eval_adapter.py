@@ -53,7 +53,9 @@ Choices this adapter makes (lm-eval leaves them to each model):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 import os
 import re
@@ -420,9 +422,39 @@ def _builtin_yaml_texts() -> list[tuple[Path, bytes]]:
     return out
 
 
+def _yaml_problem(e: Exception) -> str:
+    """One line for what lm-eval's YAML loader raised: the line and the problem of a YAML error."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}: {problem}"
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def _unreadable_yaml(name: str, include_path: str) -> tuple[Path, str] | None:
+    """The first task YAML under ``include_path`` that lm-eval's loader refuses (the task index
+    skips such a file without a word), one that mentions ``name`` first; None if all load."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    root = Path(include_path)
+    files = sorted(root.rglob("*.yaml")) if root.is_dir() else [root]
+    bad = []
+    for path in files:
+        try:
+            load_yaml(path, resolve_func=False)
+        except Exception as e:  # yaml.YAMLError, a missing include, not a mapping: all skipped by lm-eval
+            mentions = name.encode() in path.read_bytes() if path.is_file() else False
+            bad.append((not mentions, str(path), _yaml_problem(e)))
+    if not bad:
+        return None
+    _, path, problem = min(bad)
+    return Path(path), problem
+
+
 def _unknown(name: str, include_path: str | None) -> DlmError:
     where = f"lm-eval's built-in tasks or {include_path}" if include_path else "lm-eval's built-in tasks"
     hint = "" if include_path else "; a local task's YAML folder goes in --include-path DIR"
+    if include_path and (bad := _unreadable_yaml(name, include_path)):
+        hint = f"; lm-eval skipped {bad[0]}, which it cannot read ({bad[1]})"
     return DlmError(f"unknown lm-eval task '{name}': not among {where}{hint}")
 
 
@@ -468,12 +500,31 @@ def task_manager(names: list[str], include_path: str | None):
     return full
 
 
+def _check_fields(manager, name: str) -> None:
+    """One line naming a field lm-eval needs that the YAML of task ``name`` lacks, before any
+    loading: ``doc_to_text`` and ``doc_to_target`` (every YAML task reads them at once; lm-eval
+    stops with a bare TypeError after reading the dataset) and ``doc_to_choice`` of a
+    multiple-choice task (without it the evaluation fails with a traceback). A promptsource
+    ``use_prompt`` or a Python task class gives them its own way."""
+    entry = getattr(manager, "task_index", {}).get(name)
+    cfg = getattr(entry, "cfg", None)
+    if not isinstance(cfg, dict) or cfg.get("use_prompt") or "class" in cfg or entry.kind.name != "TASK":
+        return
+    need = ["doc_to_text", "doc_to_target"] + (["doc_to_choice"] if cfg.get("output_type") == "multiple_choice" else [])
+    missing = [f for f in need if cfg.get(f) is None]
+    if missing:
+        raise DlmError(f"lm-eval task '{name}': its YAML {entry.yaml_path} has no {' and no '.join(missing)} "
+                       f"(lm-eval needs {', '.join(need)})")
+
+
 def load_tasks(manager, names: list[str], offline: bool) -> list:
     """The Task / Group objects for ``names`` (their data loaded), or one line saying why not."""
     objs = []
     for name in names:
+        _check_fields(manager, name)
         try:
-            loaded = manager.load([name])
+            with contextlib.redirect_stdout(io.StringIO()):  # lm-eval prints debugging lines (`<class 'NoneType'>`)
+                loaded = manager.load([name])
         except Exception as e:  # datasets and lm-eval raise many types; all mean "cannot load it here"
             first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
             if offline and not isinstance(e, FileNotFoundError):

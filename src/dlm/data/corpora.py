@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from dlm.data.tokenizers import check_text
 from dlm.errors import DlmError
 
 BUILTIN = {"shakespeare": Path(__file__).parent / "builtin" / "shakespeare.jsonl.gz"}
@@ -121,22 +122,34 @@ def _read_text(path: Path) -> str:
         raise DlmError(f"{path} is not UTF-8 text (invalid byte at offset {e.start})") from None
 
 
+BOM = "\ufeff"  # a UTF-8 byte-order mark some editors put first; not part of a JSON Lines file's first row
+
+
+def json_line(line: str):
+    """``json.loads(line)``, nesting too deep for the parser included among the ValueErrors of a
+    line that is not JSON (``"[" * 200000`` overflows Python's stack)."""
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def _file_docs(path: Path) -> Iterator[str]:
     text = _read_text(path)
     if path.suffix != ".jsonl":
         if text.strip():
             yield text
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.removeprefix(BOM).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json_line(line)
             doc = record["text"]
         except (ValueError, KeyError, TypeError):
             raise DlmError(f"{path}:{lineno}: a .jsonl line must be an object with a \"text\" field") from None
         if isinstance(doc, str) and doc.strip():
-            yield doc
+            yield check_text(doc, f"{path}:{lineno}: the text")
 
 
 def _local_corpus(path: Path, val_fraction: float) -> Corpus:

@@ -29,13 +29,14 @@ Each example becomes one row of exactly ``seq_len`` tokens (LLaDA, arXiv 2502.09
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from dlm.data.corpora import BOM, json_line
+from dlm.data.tokenizers import check_text
 from dlm.errors import DlmError
 
 
@@ -71,7 +72,7 @@ def parse_row(record, where: str) -> Pair:
                        f"(or \"messages\"); this file's first row made it a pairs file")
     if not response.strip():
         raise DlmError(f"{where}: the response is empty")
-    return Pair(prompt, response, where)
+    return Pair(check_text(prompt, f"{where}: the prompt"), check_text(response, f"{where}: the response"), where)
 
 
 def first_record(path: Path):
@@ -79,8 +80,8 @@ def first_record(path: Path):
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                if line.strip():
-                    return json.loads(line)
+                if line.strip(BOM + " \t\r\n"):
+                    return json_line(line.removeprefix(BOM))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return None
@@ -103,12 +104,12 @@ def read_pairs(path: Path) -> list[Pair]:
     except UnicodeDecodeError as e:
         raise DlmError(f"{path} is not UTF-8 text (invalid byte at offset {e.start})") from None
     pairs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.removeprefix(BOM).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         try:
-            record = json.loads(line)
+            record = json_line(line)
         except ValueError:
             raise DlmError(f"{where}: not a JSON object") from None
         pairs.append(parse_row(record, where))

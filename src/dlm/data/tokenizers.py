@@ -75,6 +75,21 @@ class Tokenizer(ABC):
         atomic_write_text(path, json.dumps({"kind": self.kind, **self.state()}))
 
 
+def check_text(text: str, what: str, from_argv: bool = False) -> str:
+    """``text`` as given, or one line saying why no tokenizer can take it: a character that is
+    not Unicode text, an unpaired surrogate (a JSON escape such as ``"\\ud800"``). Python keeps
+    a command-line byte that is not UTF-8 as one of U+DC80–U+DCFF (``surrogateescape``):
+    ``from_argv`` names those as the bytes they were."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        if from_argv and 0xDC80 <= code <= 0xDCFF:
+            raise DlmError(f"{what} is not UTF-8 text (byte 0x{code - 0xDC00:02x} at character {e.start})") from None
+        raise DlmError(f"{what} holds an unpaired surrogate \\u{code:04x} at character {e.start}: not Unicode text") from None
+    return text
+
+
 def load_tokenizer(path: Path) -> Tokenizer:
     """The tokenizer saved in ``path``; a file of the wrong shape is one line naming it."""
     try:

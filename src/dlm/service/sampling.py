@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from dlm.data.tokenizers import check_text
 from dlm.device import generator
 from dlm.errors import DlmError
 from dlm.infill import parse_template
@@ -116,6 +117,9 @@ def sample_run(run, num: int = 4, steps: int | None = None, length: int | None =
     if length is not None and not 1 <= length <= cfg.data.seq_len:
         raise DlmError(f"--length must be in [1, {cfg.data.seq_len}] (the sequence length this model was trained on), got {length}")
     settings = sampler_settings(run, steps, temperature, top_k, top_p, sampler, overrides)
+    for flag, text in (("--prompt", prompt), ("--infill", infill)):
+        if text is not None:
+            check_text(text, flag, from_argv=True)
     if infill is not None:
         if prompt is not None or length is not None:
             raise DlmError("--infill gives the whole sequence: drop --prompt and --length")
