@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 from dlm.data import prepare_data  # noqa: E402
 from dlm.config import DataConfig  # noqa: E402
 from dlm.errors import DlmError  # noqa: E402
+from dlm.bench.report import _one_line  # noqa: E402
 from helpers import one_line_error, tiny_judge  # noqa: E402
 from helpers import run as run_cli  # noqa: E402
 
@@ -84,6 +85,18 @@ def test_compare_end_to_end_and_resume(tmp_path, judge_dir, capsys):
     report = (out / "report.md").read_text()
     assert "| ar | ar | exact |" in report and "| mdlm | mdlm | bound |" in report
     assert "bench compare --config" in report and "torch" in report
+    # read alone, the report says what its figures are worth (issue 19, item 14)
+    base = results["baselines"]
+    assert base["tokens"] == ar["runs"]["ar-s0"]["likelihood"]["tokens"]  # the same validation tokens
+    assert base["unigram_bits_per_byte"] == pytest.approx(ar["runs"]["ar-s0"]["likelihood"]["unigram_bits_per_byte"])
+    assert f"| *token unigram (floor)* | — | exact | {base['unigram_bits_per_token']:.3f} |" in report
+    assert f"| *most frequent token ({base['most_frequent']!r})* | none | {base['infill']['1']:.3f} |" in report
+    assert "One seed: no spread." in report and "| ar | —" not in report
+    assert f"`{out}/runs/`" in report
+    sample = mdlm["runs"]["mdlm-s0"]["gen@8"]["examples"]
+    assert len(sample) == 3 and f"  - `{_one_line(sample[0])[:120]}`" in report
+    draws = [v for k, v in mdlm["runs"]["mdlm-s0"]["speed@8"].items() if k.startswith("draws_b")]
+    assert all(d >= 1 for d in draws) and "timed draw" in report
     # the two runs are normal run folders
     code, out_text, err = run_cli(["eval", str(out / "runs" / "mdlm-s0"), "--json", "--max-tokens", "64"], capsys)
     assert code == 0 and json.loads(out_text)["step"] == 4
@@ -193,6 +206,99 @@ def test_bad_config_and_out_folders(tmp_path, judge_dir, capsys):
             one_line_error(code, err, "cannot")
     finally:
         ro.chmod(0o700)
+
+
+def test_a_refused_compare_leaves_nothing_behind(tmp_path, judge_dir, capsys):
+    """Issue 19 item 5: everything is checked before anything is written, in a new folder and in
+    an earlier comparison's."""
+    cfg = write_config(tmp_path / "c.yaml", judge_dir)
+    out = tmp_path / "cmp"
+    argv = ["bench", "compare", "--config", str(cfg), "--out", str(out), "--quiet"]
+    for bad, fragment in ((["compare.judge=/nonexistent"], "judge '/nonexistent'"),
+                          (["compare.judge=source"], "compare.judge=source"),
+                          (["compare.samplers=[nope]"], "no model of this comparison has a sampler 'nope'")):
+        code, _, err = run_cli([*argv, *bad], capsys)
+        one_line_error(code, err, fragment)
+        assert not out.exists(), bad
+    code, _, err = run_cli([*argv, "--models", "ar", "train.steps=1", "compare.sample_steps=[4]", "compare.infill_lengths=[1]"],
+                           capsys)
+    assert code == 0, err
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
+    code, _, err = run_cli([*argv, "--models", "ar", "compare.judge=/nonexistent"], capsys)
+    one_line_error(code, err, "judge '/nonexistent'")
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+LOCK_HOLDER = """
+import fcntl, os, sys, time
+os.makedirs(sys.argv[1], exist_ok=True)
+fd = os.open(os.path.join(sys.argv[1], ".lock"), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_second_compare_on_one_out_gets_one_message_whatever_the_first_is_doing(tmp_path, judge_dir, capsys):
+    """Issue 19 item 5: the comparison folder itself is locked, from before anything in it is
+    read: a second compare meets the same line whether the first has only just created the
+    folder or has trained part of its runs, and changes nothing."""
+    import subprocess
+
+    cfg = write_config(tmp_path / "c.yaml", judge_dir)
+    argv = ["bench", "compare", "--config", str(cfg), "--quiet", "--models", "ar", "train.steps=2",
+            "compare.sample_steps=[4]", "compare.infill_lengths=[1]"]
+    done = tmp_path / "done"
+    code, _, err = run_cli([*argv, "--out", str(done)], capsys)
+    assert code == 0, err
+    (done / "report.md").unlink()  # as if the first compare were still measuring
+    for out in (tmp_path / "new", done):  # the first one has just made the folder / is far along
+        before = sorted(p.relative_to(out) for p in out.rglob("*")) if out.exists() else None
+        holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            code, _, err = run_cli([*argv, "--out", str(out), "train.steps=4"], capsys)
+            one_line_error(code, err, f"{out} is in use by another dlm process (pid {holder.pid})")
+        finally:
+            holder.communicate("", timeout=30)
+        after = sorted(p.relative_to(out) for p in out.rglob("*"))
+        assert after == (before if before is not None else [__import__("pathlib").Path(".lock")])
+    code, _, err = run_cli([*argv, "--out", str(done)], capsys)  # once the first is gone, the folder is usable
+    assert code == 0 and (done / "report.md").is_file(), err
+
+
+def test_compare_on_a_source_of_known_entropy(tmp_path, capsys):
+    """compare-source's plumbing at a tiny budget: samples judged exactly by the source, its
+    truth and the unigram floor in the likelihood table, GIDD's self-correction beside its own
+    sampler (and not for a family without it)."""
+    import math
+
+    from dlm.data.sources import SOURCES
+
+    out = tmp_path / "src"
+    code, _, err = run_cli(["bench", "compare", "--config", "compare-source", "--out", str(out), "--quiet",
+                            "--models", "ar,gidd-pu0.1", "train.steps=2", "compare.samples=2", "compare.sample_steps=[4]",
+                            "compare.infill_rows=2", "compare.infill_lengths=[1]", "eval.max_tokens=128",
+                            "compare.speed_batches=[1]", "compare.plots=false"], capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    src, base = SOURCES.get("markov2"), results["baselines"]
+    assert base["source_entropy_rate_bits"] == pytest.approx(src.entropy_rate / math.log(2))
+    assert base["source_block_bits"] > base["source_entropy_rate_bits"]
+    gidd = results["models"]["gidd-pu0.1"]["runs"]["gidd-pu0.1-s0"]
+    assert {"gen@4", "gen:self-correct@4"} <= set(gidd)
+    assert "gen:self-correct@4" not in results["models"]["ar"]["runs"]["ar-s0"]
+    for part in (gidd["gen@4"], gidd["gen:self-correct@4"]):
+        assert part["judge"] == "source:markov2 (exact)"
+        assert part["gen_ppl"] == pytest.approx(2 ** part["source_bits_per_token"])  # Gen PPL under the truth
+        assert 0 <= part["source_likely_share"] <= 1
+    fig = results["models"]["gidd-pu0.1"]["figures"]["gidd-pu0.1-s0"]
+    assert "source_bits_per_token@4/self-correct" in fig
+    report = (out / "report.md").read_text()
+    assert f"| *source markov2: entropy rate* | — | truth | {base['source_entropy_rate_bits']:.3f} |" in report
+    assert "| gidd-pu0.1 | self-correct | 4 |" in report and "bits/token under the source" in report
 
 
 def test_max_train_tokens_keeps_the_first_tokens_and_refuses_too_many():

@@ -24,7 +24,7 @@ LAYERS = [
     ["dlm.families"],
     ["dlm.config"],
     ["dlm.checkpoint", "dlm.judge"],
-    ["dlm.runs", "dlm.evaluate", "dlm.train", "dlm.trainer", "dlm.lm_eval_adapter"],
+    ["dlm.runs", "dlm.evaluate", "dlm.train", "dlm.trainer", "dlm.lm_eval_adapter", "dlm.trace"],
     ["dlm.service"],
     ["dlm.bench"],
     ["dlm.cli", "dlm.__main__"],

@@ -229,10 +229,14 @@ def cmd_sample(args) -> int:
     from dlm.service import sample_run
 
     _check_seed(args.seed)
+    if args.trace is not None:  # before the run is loaded: a bad path costs nothing
+        from dlm.trace import check_trace_path
+        check_trace_path(Path(args.trace))
     run = load_run(Path(args.run), args.device, use_ema=not args.no_ema)
     with _as_flags(steps=args.steps, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p):
         result = sample_run(run, args.num, args.steps, args.length, args.prompt, args.temperature, args.top_k,
-                            args.top_p, args.seed, args.infill, args.sampler, args.overrides)
+                            args.top_p, args.seed, args.infill, args.sampler, args.overrides,
+                            trace=None if args.trace is None else Path(args.trace))
     if args.json:
         print(json.dumps(result))
     else:
@@ -513,6 +517,8 @@ def _add_sample_parser(sub) -> None:
     s.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     s.add_argument("--json", action="store_true", help="print the samples and their timing as one JSON object")
     s.add_argument("--sampler", help=_sampler_help("default: the run's sampler.name"))
+    s.add_argument("--trace", help="write the sampling trajectory, every step, to FILE.html (a page with a slider) "
+                   "or FILE.gif (an animation)")
     s.add_argument("overrides", nargs="*", help="sampler settings, e.g. sampler.steps=64")
     s.set_defaults(func=cmd_sample)
 

@@ -4,10 +4,15 @@ a report (``report.md``, ``results.json``, plots).
 
 Layout of ``OUT``::
 
+    OUT/.lock                   held while a comparison runs (dlm.runlock): one comparison per folder
     OUT/compare.json            what was asked (written first: marks the folder as a comparison)
     OUT/runs/<model>-s<seed>/   normal run folders (dlm eval / dlm sample read them)
     OUT/evals/<model>-s<seed>.json   each run's measurements, one part at a time
     OUT/report.md, OUT/results.json, OUT/*.png
+
+Nothing is written before everything is checked (the configs, the data, the judge, the run
+folders already there); the lock is taken before the folder is read, so a second compare on
+one ``--out`` stops with the same line whatever the first one is doing.
 
 Resuming: a finished run is never retrained, an interrupted one continues with ``resume``,
 and each measurement is cached as soon as it is done (keyed by its settings and the run's
@@ -30,6 +35,7 @@ from dlm.bench.spec import ModelPlan, Spec
 from dlm.checkpoint import CHECKPOINT_NAME, has_checkpoint, is_run_dir, latest_checkpoint, load_weights, read_run_config
 from dlm.errors import DlmError
 from dlm.fsio import atomic_write_text, ensure_dir, writing
+from dlm.runlock import LOCK, run_lock
 from dlm.service import RESUMABLE, flatten, sampler_settings  # RESUMABLE: where a run may differ from the plan
 
 MARK = "compare.json"
@@ -56,7 +62,7 @@ def check_out(out: Path) -> None:
     if out.is_dir():
         with writing(out, "read"):
             entries = list(out.iterdir())
-        if entries and not (out / MARK).is_file():
+        if [e for e in entries if e.name != LOCK] and not (out / MARK).is_file():  # the lock: a comparison starting
             raise DlmError(f"--out {out} exists and is not a comparison folder (no {MARK}): choose another --out")
 
 
@@ -148,10 +154,13 @@ def evaluate_unit(unit: Unit, spec: Spec, out: Path, data, judge, tag: str) -> d
 
     part("likelihood", "likelihood", {"max_tokens": run.cfg.eval.max_tokens, "mc_samples": run.cfg.eval.mc_samples,
                                       "seed": s.eval_seed}, lambda: measures.likelihood(run, data, s.eval_seed))
-    for steps in distinct_budgets(run, s.sample_steps):
-        part(f"gen@{steps}", f"Gen PPL at {steps} steps",
-             {"samples": s.samples, "judge": judge.name, "seed": s.eval_seed},
-             lambda: measures.sample_quality(run, judge, steps, s.samples, min(s.samples, 16), s.eval_seed))
+    own = run.cfg.sampler.name or run.family.default_sampler
+    for sampler in [None, *(n for n in s.samplers if n in run.family.samplers and n != own)]:
+        key, what = ("gen", "") if sampler is None else (f"gen:{sampler}", f" ({sampler})")
+        for steps in distinct_budgets(run, s.sample_steps):
+            part(f"{key}@{steps}", f"Gen PPL at {steps} steps{what}",
+                 {"samples": s.samples, "judge": judge.name, "seed": s.eval_seed},
+                 lambda: measures.sample_quality(run, judge, steps, s.samples, min(s.samples, 16), s.eval_seed, sampler))
     for steps in distinct_budgets(run, s.speed_steps):
         part(f"speed@{steps}", f"sampling speed at {steps} steps",
              {"batches": s.speed_batches, "repeats": s.speed_repeats, "threads": s.threads},
@@ -220,11 +229,8 @@ def run_compare(spec: Spec, out: Path, command: str, progress: bool = True) -> i
 
 
 def _run(spec: Spec, out: Path, command: str, progress: bool) -> int:
-    from dlm.bench.plots import require_matplotlib, write_plots
-    from dlm.bench.report import build_results, write_report
+    from dlm.bench.plots import require_matplotlib
     from dlm.data import prepare_data
-    from dlm.judge import load_judge
-    from dlm.train import train
 
     t0 = time.perf_counter()
     if spec.settings.plots:
@@ -235,9 +241,22 @@ def _run(spec: Spec, out: Path, command: str, progress: bool) -> int:
         key = json.dumps(model.cfg.data.__dict__, sort_keys=True)
         if key not in datas:
             datas[key] = prepare_data(model.cfg.data)
-    units = plan_units(spec, out)  # a run trained with other settings stops us before anything is written
-    prepare_out(out, spec, command)
-    judge = load_judge(spec.settings.judge, measures_device(spec))  # a missing judge fails before training
+    judge = choose_judge(spec)  # a missing judge fails before anything is written
+    # one comparison per folder: the lock comes before anything in it is read or written, so a
+    # second compare on this --out stops here with one line whatever the first one is doing
+    with run_lock(out):
+        check_out(out)
+        units = plan_units(spec, out)  # a run trained with other settings stops us before anything is written
+        prepare_out(out, spec, command)
+        return _train_and_measure(spec, out, command, progress, units, datas, judge, t0)
+
+
+def _train_and_measure(spec: Spec, out: Path, command: str, progress: bool, units: list[Unit], datas: dict, judge,
+                       t0: float) -> int:
+    from dlm.bench.plots import write_plots
+    from dlm.bench.report import build_results, write_report
+    from dlm.train import train
+
     n = len(units)
     say(f"{len(spec.models)} models × {len(spec.seeds)} seeds into {out} "
         f"({sum(u.state == 'done' for u in units)} trained already)")
@@ -255,11 +274,29 @@ def _run(spec: Spec, out: Path, command: str, progress: bool) -> int:
                 say(f"stopped by {result.interrupted} (checkpoint saved); run the same command to continue")
                 return 130 if result.interrupted == "SIGINT" else 143
         per_run[unit.name] = evaluate_unit(unit, spec, out, data, judge, tag)
-    results = build_results(spec, units, per_run, command, time.perf_counter() - t0)
+    first = spec.models[0].cfg
+    baselines = measures.floors(first, datas[json.dumps(first.data.__dict__, sort_keys=True)],
+                                spec.settings.infill_lengths, spec.settings.infill_rows)
+    results = build_results(spec, units, per_run, command, time.perf_counter() - t0, out, baselines)
     plots = write_plots(results, units, out) if spec.settings.plots else []
     write_report(results, plots, out)
     say(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {out / 'report.md'}")
     return 0
+
+
+def choose_judge(spec: Spec):
+    """The Gen PPL judge: ``compare.judge=source`` is the synthetic source the data comes from
+    (``dlm.data.sources``: exact), anything else a judge model (``dlm.judge``)."""
+    from dlm.data.sources import SOURCES, SourceJudge, source_of
+    from dlm.judge import load_judge
+
+    if spec.settings.judge != "source":
+        return load_judge(spec.settings.judge, measures_device(spec))
+    sources = {m.cfg.data.data for m in spec.models}
+    if len(sources) != 1 or source_of(next(iter(sources))) is None:
+        raise DlmError(f"compare.judge=source judges samples by the synthetic source the data comes from "
+                       f"({', '.join(SOURCES.names())}); this comparison's data is {', '.join(sorted(sources))}")
+    return SourceJudge(source_of(next(iter(sources))))
 
 
 def measures_device(spec: Spec) -> torch.device:

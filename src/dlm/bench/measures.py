@@ -48,10 +48,50 @@ def metrics_rows(path: Path) -> list[dict]:
 
 def eval_rows(run, data, max_tokens: int) -> np.ndarray:
     """The validation blocks every model is scored on: the same tokens for every run of one tokenizer."""
+    return val_blocks(data, run.cfg.data.seq_len, max_tokens)
+
+
+def val_blocks(data, seq_len: int, max_tokens: int) -> np.ndarray:
     from dlm.evaluate import select_rows
 
-    rows, _ = data.rows("val", run.cfg.data.seq_len)
+    rows, _ = data.rows("val", seq_len)
     return np.asarray(rows[select_rows(rows, max_tokens)])
+
+
+def floors(cfg, data, infill_lengths: list[int] = (), infill_rows: int = 0) -> dict:
+    """What no model needs to learn, on the validation tokens the likelihood is measured on
+    (run config ``cfg``'s sequence length and ``eval.max_tokens``): the token unigram of the
+    training split (add-½ smoothing) in bits per token and per byte, the most frequent training
+    token, and for a synthetic source (``dlm.data.sources``) its exact −log p of those tokens,
+    its entropy rate and the expected figure of a block seen without its past; and the accuracy
+    of filling every masked-token completion span (``infill``'s rows and spans) with that token."""
+    from dlm.data.sources import SourceJudge, source_of
+    from dlm.data.cache import token_counts
+    from dlm.evaluate import unigram_references
+
+    blocks = val_blocks(data, cfg.data.seq_len, cfg.eval.max_tokens)
+    tok = data.tokenizer
+    tokens, n_bytes = int(blocks.size), int(tok.token_bytes()[blocks].sum())
+    per_byte = unigram_references(tok, data.train, blocks)["unigram_bits_per_byte"]
+    counts = token_counts(data.train, tok.vocab_size)
+    top = int(np.argmax(counts))
+    r = {"tokens": tokens, "bytes": n_bytes, "seq_len": cfg.data.seq_len, "unigram_bits_per_byte": per_byte,
+         "unigram_bits_per_token": per_byte * n_bytes / tokens, "most_frequent_id": top,
+         "most_frequent": tok.decode([top]), "most_frequent_share": float(counts[top] / counts.sum()), "infill": {}}
+    L = cfg.data.seq_len
+    for length in infill_lengths:
+        if length < L - 1:
+            start = (L - length) // 2  # infill's span
+            span = val_blocks(data, L, infill_rows * L)[:infill_rows, start:start + length]
+            r["infill"][str(length)] = float((span == top).mean())
+    source = source_of(cfg.data.data)
+    if source is not None:
+        docs = [tok.decode(row[row != tok.eos_id].tolist()) for row in blocks]  # end-of-text: not a symbol
+        r.update({"source": source.name, "source_bits_per_token": SourceJudge(source).figures(docs)["source_bits_per_token"],
+                  "source_entropy_rate_bits": source.entropy_rate / math.log(2),
+                  "source_block_bits": source.block_entropy(cfg.data.seq_len) / math.log(2),
+                  "source_likely_share": source.likely_share})
+    return r
 
 
 def likelihood(run, data, seed: int) -> dict:
@@ -68,28 +108,49 @@ def draw(run, settings, num: int, batch: int, seed: int) -> tuple[np.ndarray, fl
     return tokens.numpy(), seconds, nfe
 
 
-def sample_quality(run, judge, steps: int, num: int, batch: int, seed: int) -> dict:
-    """Gen PPL under ``judge`` and sample entropy of ``num`` samples at ``steps`` sampling steps."""
-    settings = sampler_settings(run, steps=steps)
+def sample_quality(run, judge, steps: int, num: int, batch: int, seed: int, sampler: str | None = None) -> dict:
+    """Gen PPL under ``judge`` and sample entropy of ``num`` samples at ``steps`` sampling steps
+    (with the run's sampler, or the family's ``sampler``); on a synthetic source also the
+    samples' exact bits per token under it and the share of likely transitions; the first
+    ``EXAMPLES`` samples' text."""
+    from dlm.data.sources import SourceJudge, source_of
+    from dlm.evaluate import sample_documents
+
+    settings = sampler_settings(run, steps=steps, name=sampler)
     tokens, seconds, nfe = draw(run, settings, num, batch, seed)
     r = {"steps": run.family.network_steps(settings, run.cfg.data.seq_len), "nfe": nfe, "samples": num,
          "seconds_per_sample": seconds / num}
     r.update(score_samples(judge, tokens, run.tokenizer))
-    r["example"] = run.tokenizer.decode(tokens[0].tolist())[:300]
+    source = source_of(run.cfg.data.data)
+    if source is not None:
+        r.update(SourceJudge(source).figures(sample_documents(tokens, run.tokenizer)))
+    r["examples"] = [run.tokenizer.decode(row.tolist())[:EXAMPLE_CHARS] for row in tokens[:EXAMPLES]]
+    r["example"] = r["examples"][0]
     return r
 
 
+EXAMPLES, EXAMPLE_CHARS = 3, 300  # sample texts kept per measurement (the report shows them shorter)
+
+
+CHEAP_S, MAX_DRAWS = 2.0, 8  # timed draws continue past ``repeats`` while they total under CHEAP_S seconds
+
+
 def speed(run, steps: int, batches: list[int], repeats: int, seed: int) -> dict:
-    """Sampling speed at ``steps``: for each batch size, the mean over ``repeats`` timed draws
-    (after one untimed warm-up) of seconds per batch; batches/s, tokens/s and the load average."""
+    """Sampling speed at ``steps``: for each batch size, the mean over at least ``repeats`` timed
+    draws (after one untimed warm-up), more while they are cheap (up to ``MAX_DRAWS`` while
+    their total is under ``CHEAP_S`` s), of seconds per batch; how many draws, batches/s,
+    tokens/s and the load average."""
     settings = sampler_settings(run, steps=steps)
     L = run.cfg.data.seq_len
     draw(run, settings, 1, 1, seed)  # warm-up: allocations, first-call overheads
     r: dict = {"network_steps": run.family.network_steps(settings, L), "threads": torch.get_num_threads(),
                "load1_before": load1()}
     for b in batches:
-        times = [draw(run, settings, b, b, seed + i)[1] for i in range(repeats)]
+        times: list[float] = []
+        while len(times) < repeats or (sum(times) < CHEAP_S and len(times) < MAX_DRAWS):
+            times.append(draw(run, settings, b, b, seed + len(times))[1])
         per_batch = float(np.mean(times))
+        r[f"draws_b{b}"] = len(times)
         r[f"seconds_per_batch_b{b}"] = per_batch
         r[f"batches_per_s_b{b}"] = 1.0 / per_batch
         r[f"tokens_per_s_b{b}"] = b * L / per_batch

@@ -47,9 +47,11 @@ def flat_figures(parts: dict) -> dict:
             out[k] = lik[k]
     for key, r in parts.items():
         kind, _, at = key.partition("@")
-        if kind == "gen":
-            for k in ("gen_ppl", "entropy", "seconds_per_sample", "nfe", "steps"):
-                out[f"{k}@{at}"] = r[k]
+        if kind == "gen" or kind.startswith("gen:"):
+            suffix = at + kind[3:].replace(":", "/", 1)  # gen:self-correct@8 → …@8/self-correct
+            for k in ("gen_ppl", "entropy", "seconds_per_sample", "nfe", "steps", *SOURCE_FIGURES):
+                if k in r:
+                    out[f"{k}@{suffix}"] = r[k]
         elif kind == "speed":
             for k, v in r.items():
                 if k.startswith(("batches_per_s", "tokens_per_s", "seconds_per_batch", "network_steps")):
@@ -59,6 +61,18 @@ def flat_figures(parts: dict) -> dict:
         elif kind == "epoch":
             out[f"bits_per_token@epoch{at}"] = r["bits_per_token"]
     return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+SOURCE_FIGURES = ("source_bits_per_token", "source_likely_share")  # samples judged by a synthetic source
+
+
+def samplers_of(results: dict) -> list[str | None]:
+    """The samplers measured: None (each run's own) and those of ``compare.samplers``."""
+    return [None, *results["settings"].get("samplers", [])]
+
+
+def at_key(steps: int, sampler: str | None) -> str:
+    return f"{steps}" + (f"/{sampler}" if sampler else "")
 
 
 def likelihood_kind(lik: dict) -> str:
@@ -82,7 +96,8 @@ def spread(values: list[float]) -> dict:
             "min": float(a.min()), "max": float(a.max()), "n": int(len(a))}
 
 
-def build_results(spec, units, per_run: dict, command: str, wall_s: float) -> dict:
+def build_results(spec, units, per_run: dict, command: str, wall_s: float, out: Path | None = None,
+                  baselines: dict | None = None) -> dict:
     models = {}
     for plan in spec.models:
         runs = {u.name: per_run[u.name] for u in units if u.model is plan}
@@ -114,6 +129,8 @@ def build_results(spec, units, per_run: dict, command: str, wall_s: float) -> di
                    "tokens": base.train.steps * base.train.batch_size * base.train.grad_accum * base.data.seq_len,
                    "unique_tokens": spec.settings.unique_tokens, "epochs": spec.settings.epochs},
         "models": models,
+        "out": str(out) if out is not None else None,
+        "baselines": baselines or {},
     }
     if spec.mark_steps:
         results["data_constrained"] = data_constrained(results, spec)
@@ -216,8 +233,10 @@ def _likelihood(results: dict) -> list[str]:
                      fmt(a.get("nll")), fmt(a.get("ppl"), 1), fmt(a.get("bits_per_byte")),
                      fmt(_at(a, "batches_per_s_b4", timed), 2), fmt(_at(a, "seconds_per_batch_b1", timed), 3),
                      fmt(a.get("train_tokens_per_s"), 0)])
+    rows += floor_rows(results.get("baselines") or {})
     lines += _table(["model", "family", "kind", "bits/token", "NLL", "PPL", "bits/byte", "batches/s (batch 4)",
                      "s per sample (batch 1)", "training tokens/s"], rows)
+    lines += floor_notes(results.get("baselines") or {})
     lines += ["", "How each likelihood was measured: " + "; ".join(f"{n}: {r['likelihood_kind']}" for n, r in models.items())
               + "."]
     lines += ["", "Standard error of bits per token within a run (text and Monte Carlo noise), mean over seeds: "
@@ -225,21 +244,95 @@ def _likelihood(results: dict) -> list[str]:
     return lines
 
 
+def floor_rows(b: dict) -> list[list[str]]:
+    """The reference rows of the likelihood table: what the token unigram of the training split
+    scores on the same validation tokens, and for a synthetic source the truth."""
+    if "unigram_bits_per_token" not in b:
+        return []
+
+    def row(name: str, kind: str, bits: float, per_byte: float | None) -> list[str]:
+        nats = bits * math.log(2)
+        return [f"*{name}*", "—", kind, f"{bits:.3f}", f"{nats:.3f}", f"{math.exp(nats):.1f}",
+                f"{per_byte:.3f}" if per_byte is not None else "—", "—", "—", "—"]
+
+    per_byte = b["bytes"] / b["tokens"]  # bytes per token of these validation tokens
+    rows = [row("token unigram (floor)", "exact", b["unigram_bits_per_token"], b["unigram_bits_per_byte"])]
+    if "source_bits_per_token" in b:
+        rows.append(row(f"source {b['source']} on these tokens", "exact", b["source_bits_per_token"],
+                        b["source_bits_per_token"] / per_byte))
+        rows.append(row(f"source {b['source']}: expected, block of {b.get('seq_len', 'L')}", "truth",
+                        b["source_block_bits"], b["source_block_bits"] / per_byte))
+        rows.append(row(f"source {b['source']}: entropy rate", "truth", b["source_entropy_rate_bits"],
+                        b["source_entropy_rate_bits"] / per_byte))
+    return rows
+
+
+def floor_notes(b: dict) -> list[str]:
+    if "unigram_bits_per_token" not in b:
+        return []
+    lines = ["", f"*Token unigram (floor)*: the training split's token frequencies (add-½) scored on the same "
+             f"{b['tokens']:,} validation tokens: a model at this row has learned only which tokens are common."]
+    if "source_bits_per_token" in b:
+        lines[-1] += (f" The data is the synthetic source `{b['source']}` (`dlm.data.sources`), so the truth is known: "
+                      "*on these tokens* is the source's own −log p of the validation blocks, each seen without its "
+                      "past as the models see it; *expected, block* is its expectation; *entropy rate* is H, what a "
+                      "model conditioned on the whole past would pay per token. No model's exact NLL can be below the "
+                      "block figure in expectation; a bound below it is a bug.")
+    return lines
+
+
 def _samples(results: dict) -> list[str]:
-    """Gen PPL, entropy and seconds per sample at every sampling budget."""
+    """Gen PPL, entropy and seconds per sample at every sampling budget (and sampler), the exact
+    figures where a synthetic source judges them, and a few samples' text."""
     models, s = results["models"], results["settings"]
+    source = "source_bits_per_token" in (results.get("baselines") or {})
     lines = ["", "## Samples: quality against sampling steps", "",
              f"{s['samples']} unconditional samples per row, Gen PPL under `{_judge(models)}` (lower is better; only "
              "comparable within this report), unigram entropy in nats (low = repetitive) and the sampling seconds per "
-             "sample (batches of up to 16).", ""]
+             "sample (batches of up to 16)."]
+    header = ["model", "sampler", "steps", "Gen PPL", "entropy", "s per sample"]
+    if source:
+        b = results["baselines"]
+        lines[-1] += (f" **Exact**: bits per token of the samples under the source `{b['source']}` itself, and the share "
+                      f"of their transitions that are among a context's likely successors. The source's own samples "
+                      f"score {b['source_block_bits']:.3f} bits per token in expectation (entropy rate "
+                      f"{b['source_entropy_rate_bits']:.3f}) and {b['source_likely_share']:.3f} likely: above means "
+                      "errors, below means samples narrower than the source (too few of its sequences).")
+        header += ["bits/token under the source", "likely transitions"]
     rows = []
     for name, r in models.items():
         a = r["aggregate"]
-        for steps in s["sample_steps"]:
-            if f"gen_ppl@{steps}" in a:
-                rows.append([name, f"{a[f'steps@{steps}']['mean']:.0f}", fmt(a.get(f"gen_ppl@{steps}"), 1),
-                             fmt(a.get(f"entropy@{steps}"), 2), fmt(a.get(f"seconds_per_sample@{steps}"), 3)])
-    return lines + _table(["model", "steps", "Gen PPL", "entropy", "s per sample"], rows)
+        for sampler in samplers_of(results):
+            for steps in s["sample_steps"]:
+                at = at_key(steps, sampler)
+                if f"gen_ppl@{at}" in a:
+                    row = [name, sampler or "own", f"{a[f'steps@{at}']['mean']:.0f}", fmt(a.get(f"gen_ppl@{at}"), 1),
+                           fmt(a.get(f"entropy@{at}"), 2), fmt(a.get(f"seconds_per_sample@{at}"), 3)]
+                    if source:
+                        row += [fmt(a.get(f"source_bits_per_token@{at}")), fmt(a.get(f"source_likely_share@{at}"))]
+                    rows.append(row)
+    return [*lines, "", *_table(header, rows), *_examples(results)]
+
+
+def _examples(results: dict, per_model: int = 2, chars: int = 120) -> list[str]:
+    """The first samples of each model's first seed at the largest budget, cut to ``chars`` characters."""
+    top = results["settings"]["sample_steps"][-1]
+    lines = ["", f"Samples (seed {results['seeds'][0]}, the largest budget measured, the first {chars} characters; "
+             "every sample's opening is in results.json):", ""]
+    for name, r in results["models"].items():
+        parts = next(iter(r["runs"].values()))
+        gens = [parts[k] for k in sorted((k for k in parts if k.startswith("gen@")), key=lambda k: int(k[4:]))
+                if int(k[4:]) <= top]
+        if not gens:
+            continue
+        texts = gens[-1].get("examples") or [gens[-1].get("example", "")]
+        lines.append(f"- `{name}` ({gens[-1]['steps']} steps):")
+        lines += [f"  - `{_one_line(t)[:chars]}`" for t in texts[:per_model]]
+    return lines
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\n", "⏎").replace("`", "'")
 
 
 def _speed(results: dict) -> list[str]:
@@ -247,8 +340,10 @@ def _speed(results: dict) -> list[str]:
     models, s, sh, m = results["models"], results["settings"], results["shared"], results["machine"]
     columns = speed_columns(s["speed_batches"])
     lines = ["", "## Sampling speed", "",
-             f"Unconditional samples of {sh['seq_len']} tokens: the mean of {s['speed_repeats']} timed draws after a "
-             f"warm-up, {m['threads']} torch threads; the load average before each measurement is in results.json.", ""]
+             f"Unconditional samples of {sh['seq_len']} tokens, {m['threads']} torch thread(s): per batch size the mean "
+             f"seconds of {_draws(results)} after one untimed warm-up draw, in each of {len(results['seeds'])} seed(s)' "
+             "runs; the load average before each measurement is in results.json (other work on the machine slows "
+             "a draw, never speeds it).", ""]
     rows = []
     for name, r in models.items():
         a = r["aggregate"]
@@ -261,6 +356,19 @@ def _speed(results: dict) -> list[str]:
                           rows)
 
 
+def _draws(results: dict) -> str:
+    """How many timed draws each speed figure averages, as measured (older caches: the setting)."""
+    counts = {v for r in results["models"].values() for parts in r["runs"].values() for k, p in parts.items()
+              if k.startswith("speed@") for key, v in p.items() if key.startswith("draws_b")}
+    if not counts:
+        n = results["settings"]["speed_repeats"]
+        return f"{n} timed draw{'s' if n > 1 else ''}"
+    lo, hi = min(counts), max(counts)
+    return (f"{lo} timed draw{'s' if lo > 1 else ''}" if lo == hi else
+            f"{lo}–{hi} timed draws (at least compare.speed_repeats = {results['settings']['speed_repeats']}, more while "
+            "they are quick)")
+
+
 def _infill(results: dict) -> list[str]:
     """Masked-token completion accuracy at every span length."""
     models, s = results["models"], results["settings"]
@@ -270,12 +378,23 @@ def _infill(results: dict) -> list[str]:
              "**only the left side** (the prefix) and generates the span after it.", ""]
     rows = [[name, r["infill_context"] or "—"] + [fmt(r["aggregate"].get(f"infill_accuracy@{n}")) for n in s["infill_lengths"]]
             for name, r in models.items()]
+    b = results.get("baselines") or {}
+    base = b.get("infill") or {}
+    if base:
+        rows.append([f"*most frequent token ({_one_line(repr(b['most_frequent']))})*", "none"]
+                    + [f"{base[str(n)]:.3f}" if str(n) in base else "—" for n in s["infill_lengths"]])
+        lines[-2] += (" *Most frequent token*: every span position filled with the training split's most frequent "
+                      "token, on the same rows and spans: a model at this row has learned nothing about its context.")
     return lines + _table(["model", "context"] + [f"span {n}" for n in s["infill_lengths"]], rows)
 
 
 def _stability(results: dict) -> list[str]:
     """The range over seeds of each model's main figures."""
     models, top = results["models"], results["settings"]["sample_steps"][-1]
+    if len(results["seeds"]) < 2:
+        return ["", "## Stability over seeds", "",
+                "One seed: no spread. Every figure above is a single run's and can mislead by as much as the runs of "
+                "other seeds would differ; within-run standard errors are in the likelihood section and results.json."]
     lines = ["", "## Stability over seeds", "",
              "Range (max − min) over seeds of each model's main figures: how much one run can mislead.", ""]
     rows = []
@@ -315,8 +434,9 @@ def _every_run(results: dict) -> list[str]:
                          f"{f.get('bits_per_byte', float('nan')):.4f}", f"{f.get('train_loss', float('nan')):.4f}",
                          f"{f.get('train_tokens_per_s', float('nan')):,.0f}", f"{f.get('train_s', float('nan')):.0f}"])
     lines += _table(["run", "bits/token ± stderr", "bits/byte", "final loss", "training tokens/s", "training s"], rows)
-    lines += ["", "Run folders are under `runs/` (`dlm eval runs/NAME`, `dlm sample runs/NAME`); every figure is in "
-              "`results.json`.", ""]
+    runs = f"{results['out']}/runs" if results.get("out") else "runs"
+    lines += ["", f"Run folders are under `{runs}/` (`dlm eval {runs}/NAME`, `dlm sample {runs}/NAME`); every figure is "
+              "in `results.json` beside this report.", ""]
     return lines
 
 

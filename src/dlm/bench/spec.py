@@ -37,7 +37,10 @@ class CompareSettings:
     models: dict[str, Any] = field(default_factory=dict)  # name → run-config overrides
     sample_steps: list[int] = field(default_factory=lambda: [16, 64, 128])  # diffusion sampling steps measured
     samples: int = setting(16, lo=1)  # unconditional samples per step count for Gen PPL and entropy
-    judge: str | None = None  # Gen PPL judge: None = the default (smollm2-135m), or a local HF folder
+    # Gen PPL judge: None = the default (smollm2-135m), a local HF folder, or "source": the synthetic
+    # source the data comes from (dlm.data.sources), exact
+    judge: str | None = None
+    samplers: list[str] = field(default_factory=list)  # more samplers measured like the runs' own, where a family has them
     infill_lengths: list[int] = field(default_factory=lambda: [1, 4, 16])  # masked-token completion span lengths
     infill_rows: int = setting(64, lo=1)  # validation rows per span length
     infill_steps: int = setting(0, lo=0)  # diffusion sampling steps for a span (0: one per span token)
@@ -169,9 +172,9 @@ def load_spec(config: str | None, overrides: list[str], models: str | None = Non
                 section.update(nest(sub, value))
         else:
             run_overrides.append((key, value))
-    list_fields = {"sample_steps", "speed_steps", "infill_lengths", "speed_batches", "epoch_marks"}
+    list_fields = {"sample_steps", "speed_steps", "infill_lengths", "speed_batches", "epoch_marks", "samplers"}
     for key in list_fields:
-        if key in section and isinstance(section[key], (int, float)) and not isinstance(section[key], bool):
+        if key in section and isinstance(section[key], (int, float, str)) and not isinstance(section[key], bool):
             section[key] = [section[key]]  # compare.sample_steps=64 on the command line
     apply_dict(settings, {k: v for k, v in section.items() if k not in list_fields}, "compare.")
     for key in list_fields & set(section):
@@ -208,10 +211,24 @@ def load_spec(config: str | None, overrides: list[str], models: str | None = Non
             raise DlmError(f"--models names a model twice: {models}")
     plans = [ModelPlan(name, dict(model_table[name]), _model_config(name, base, run_overrides, model_table[name]))
              for name in chosen]
+    _check_samplers(settings.samplers, plans)
     spec = Spec(settings, parse_seeds(seeds if seeds is not None else seeds_value), plans, base, source, overrides)
     if settings.unique_tokens:
         _data_constrained(spec)
     return spec
+
+
+def _check_samplers(names: Any, plans: list[ModelPlan]) -> None:
+    """``compare.samplers``: distinct names, each a sampler of at least one model's family."""
+    from dlm.families import FAMILIES
+
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise DlmError(f"compare.samplers must be a list of distinct sampler names, got {names!r}")
+    offered = {n for p in plans for n in FAMILIES.get(p.cfg.family).samplers.names()}
+    for name in names:
+        if name not in offered:
+            raise DlmError(f"compare.samplers: no model of this comparison has a sampler '{name}' "
+                           f"(its families have: {', '.join(sorted(offered))})")
 
 
 def _data_constrained(spec: Spec) -> None:

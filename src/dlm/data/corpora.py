@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from dlm.data.sources import SOURCES
 from dlm.data.tokenizers import check_text
 from dlm.errors import DlmError
 
@@ -187,6 +188,12 @@ def _builtin_corpus(name: str, val_fraction: float) -> Corpus:
     return Corpus(name, f"builtin:{name}:{content_hash([path], path)}", split_docs(all_docs, count, val_fraction))
 
 
+def _source_corpus(name: str, val_fraction: float) -> Corpus:
+    """A synthetic source of known entropy rate (``dlm.data.sources``): one generated document."""
+    source = SOURCES.get(name)
+    return Corpus(name, source.fingerprint, split_docs(lambda: iter([source.text()]), 1, val_fraction))
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     host = os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}").split("://")[-1].split("/")[0]
     try:
@@ -284,10 +291,12 @@ def load_corpus(spec: str, val_fraction: float = 0.05) -> Corpus:
         raise DlmError("no data given")
     if spec in BUILTIN:
         return _builtin_corpus(spec, val_fraction)
+    if spec in SOURCES:
+        return _source_corpus(spec, val_fraction)
     if spec.startswith("hf:") or spec in HF_ALIASES:
         return _hf_corpus(spec, val_fraction)
     path = Path(spec).expanduser()
     if path.exists():
         return _local_corpus(path, val_fraction)
-    names = ", ".join([*BUILTIN, *HF_ALIASES])
+    names = ", ".join([*BUILTIN, *SOURCES.names(), *HF_ALIASES])
     raise DlmError(f"data '{spec}' is not a file, a folder or a known corpus ({names}, or hf:REPO[:CONFIG])")

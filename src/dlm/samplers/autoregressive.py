@@ -7,7 +7,7 @@ import torch
 from dlm.backbones import KVCache
 from dlm.errors import DlmError
 from dlm.processes.causal import Causal
-from dlm.samplers.base import Sampler, filter_logits, sample_categorical
+from dlm.samplers.base import UNSET, Sampler, filter_logits, sample_categorical
 
 
 def prefix_lengths(clean: torch.Tensor) -> torch.Tensor:
@@ -31,14 +31,21 @@ class AutoregressiveSampler(Sampler):
         bos_id = process.bos_id
         lengths = prefix_lengths(clean)
         out = given.clone()
+        state = torch.where(clean, given, UNSET)  # the trace's view: positions not generated yet are UNSET
+        self.record(state)
         nfe = 0
         for n in sorted(set(lengths.tolist())):
             rows = (lengths == n).nonzero()[:, 0]
-            out[rows], calls = self._sample_rows(model, bos_id, given[rows, :n], given.shape[1], generator)
+
+            def grown(part, rows=rows):  # one more token in these rows: the whole state, recorded
+                state[rows, : part.shape[1]] = part
+                self.record(state)
+
+            out[rows], calls = self._sample_rows(model, bos_id, given[rows, :n], given.shape[1], generator, grown)
             nfe = max(nfe, calls)
         return out, nfe
 
-    def _sample_rows(self, model, bos_id: int, prompt, length: int, generator):
+    def _sample_rows(self, model, bos_id: int, prompt, length: int, generator, grown):
         num = prompt.shape[0]
         prefix = torch.cat([torch.full((num, 1), bos_id, dtype=torch.long, device=prompt.device), prompt], dim=1)
         out = prefix[:, 1:]
@@ -50,6 +57,7 @@ class AutoregressiveSampler(Sampler):
         while out.shape[1] < length:
             nxt = sample_categorical(filter_logits(logits, self.options), generator)[:, None]  # (B, 1)
             out = torch.cat([out, nxt], dim=1)
+            grown(out)
             if out.shape[1] < length:
                 logits = model(nxt, cache=cache)[:, -1]
                 nfe += 1

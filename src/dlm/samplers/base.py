@@ -10,6 +10,8 @@ config's ``sampler:`` section, checked against the sampler's ``Settings`` datacl
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,28 @@ class DiffusionSamplerSettings(SamplerSettings):
     # convention: p ∝ p(x|c)^(1+w) / p(x)^w), the unconditional pass made by hiding the clean
     # tokens (unsupervised CFG); 0: unguided, exactly
     guidance: float = setting(0.0, lo=0)
+
+
+# The trace hook (``dlm sample --trace``): while :func:`recording` is active, every sampler's
+# ``record(x)`` appends its whole state (B, L) to the list it yields — at the start and after
+# every step, so the last frame is the returned sample. A hook, not a wrapper around the model:
+# the model a sampler calls does not see the whole state (the ancestral cache and LLaDA run
+# only some rows, the uniform and D3PM samplers chunk them, Fast-dLLM's KV cache passes one
+# block, the autoregressive sampler one new token).
+_TRACE: ContextVar[list | None] = ContextVar("dlm_sampler_trace", default=None)
+UNSET = -1  # in a trace frame: a position not generated yet (the autoregressive sampler's)
+
+
+@contextmanager
+def recording():
+    """Collect the states every sampler called inside this block records: yields the list of
+    (B, L) CPU id tensors, one per frame (UNSET where a position does not exist yet)."""
+    frames: list[torch.Tensor] = []
+    token = _TRACE.set(frames)
+    try:
+        yield frames
+    finally:
+        _TRACE.reset(token)
 
 
 SamplingOptions = SamplerSettings  # the name the library used before samplers had their own settings
@@ -70,7 +94,15 @@ class Sampler(ABC):
                time_conditioned: bool = False, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """``model`` the (possibly guided) network; ``process`` the run's forward process (or
         :class:`~dlm.processes.causal.Causal`); ``given`` (B, L) tokens and ``clean`` (B, L) the
-        ones to keep; ``time_conditioned`` whether the model takes t; ``pad`` (B, L) padding."""
+        ones to keep; ``time_conditioned`` whether the model takes t; ``pad`` (B, L) padding.
+        It calls :meth:`record` with its whole state at the start and after every step."""
+
+    def record(self, x: torch.Tensor) -> None:
+        """The trace hook: the sampler's whole state ``x`` (B, L) of ids (a sampler of vector
+        states passes their nearest tokens), copied while :func:`recording` is on."""
+        frames = _TRACE.get()
+        if frames is not None:
+            frames.append(x.detach().to("cpu", copy=True))
 
 
 def filter_logits(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:

@@ -38,12 +38,14 @@ class D3PMAncestralSampler(Sampler):
             raise DlmError(f"sampler.steps must be ≤ the process's T = {T} steps (process.steps), got {steps}")
         num, device = given.shape[0], given.device
         x, fixed = start_from_prior(process, given, clean, pad, generator)
+        self.record(x)
         counter = NetworkCalls(num)
         grid = step_grid(T, steps, device)
         alphas = process.schedule.alpha(grid.double() / T)
         for k in range(steps):
             where = process.predicted(x) & ~fixed  # (B, L)
             if not where.any():
+                self.record(x)
                 continue
             t = torch.full((num,), float(grid[k]) / T, device=device) if time_conditioned else None
             logits = evaluate_rows(model, x, where, t, pad, counter)  # (N, V)
@@ -57,5 +59,6 @@ class D3PMAncestralSampler(Sampler):
                 new[sl] = sample_categorical(log_p, generator)
             x = x.clone()
             x[where] = new
+            self.record(x)
         self.stats = counter.as_dict()
         return x, counter.nfe

@@ -135,6 +135,7 @@ class FastDllmSampler(Sampler):
         free = ~fixed
         n_free = free.sum(-1).clamp_min(1)
         nfe, computed = 0, 0
+        self.record(x)
         for start, end, share in plan_blocks(free, opts.block_length, opts.steps):
             in_block = torch.zeros(L, dtype=torch.bool, device=device)
             in_block[start:end] = True
@@ -162,5 +163,6 @@ class FastDllmSampler(Sampler):
                 drawn = torch.zeros_like(x)
                 drawn[masked] = tokens
                 x = torch.where(unmask, drawn, x)
+                self.record(x)
         self.last_stats = {"nfe": nfe, "positions": computed / max(1, nfe * L)}
         return x, nfe

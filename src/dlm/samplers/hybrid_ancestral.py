@@ -117,9 +117,11 @@ class HybridAncestralSampler(Sampler):
         free = ~fixed
         times = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
         counter = NetworkCalls(num)
+        self.record(x)
         for i in range(steps):
             t_batch = torch.full((num,), float(times[i]), device=device) if time_conditioned else None
             x = self._step(model, process, x, free, times[i], times[i + 1], generator, t_batch, pad, counter)
+            self.record(x)
         x = self.finish(model, x, free, generator, time_conditioned, pad, counter)
         self.stats = counter.as_dict()
         return x, counter.nfe
@@ -166,4 +168,5 @@ class SelfCorrectSampler(HybridAncestralSampler):
             go = active & change.any(-1) & (waited <= st.correction_patience)
             x = torch.where(go[:, None], new, x)
             active = go
+            self.record(x)
         return x

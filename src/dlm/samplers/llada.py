@@ -91,6 +91,7 @@ class LLaDASampler(Sampler):
         target = ~fixed
         n_target = target.sum(-1)  # (B,)
         counter = NetworkCalls(num)
+        self.record(x)
         longest = int(n_target.max()) if num else 0
         if longest == 0:
             self.stats = counter.as_dict()
@@ -124,5 +125,6 @@ class LLaDASampler(Sampler):
                 proposal = x.clone()
                 proposal[cand] = drawn
                 x = torch.where(keep, proposal, x)
+                self.record(x)
         self.stats = counter.as_dict()
         return x, counter.nfe

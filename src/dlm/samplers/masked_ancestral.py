@@ -118,6 +118,7 @@ class MaskedAncestralSampler(Sampler):
         x, fixed = start_from_prior(process, given, clean, pad, generator)  # (B, L)
         times = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
         counter = NetworkCalls(num)
+        self.record(x)
         for i in range(steps):
             t, s = times[i], times[i + 1]
             masked = x == process.mask_id
@@ -136,5 +137,6 @@ class MaskedAncestralSampler(Sampler):
                     rows = logits[unmask[masked]]  # (n, V): the masked positions that unmask now
                 x = x.clone()
                 x[unmask] = sample_categorical(filter_logits(rows, self.options), generator)
+            self.record(x)
         self.stats = counter.as_dict()
         return x, counter.nfe

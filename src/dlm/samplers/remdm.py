@@ -152,6 +152,7 @@ class ReMDMSampler(Sampler):
         times = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
         conf = torch.zeros(x.shape, dtype=torch.float64, device=device)  # ψ of the decoded positions
         counter = NetworkCalls(num)
+        self.record(x)
         for i in range(steps):
             t, s = times[i], times[i + 1]
             if st.loop:
@@ -165,5 +166,6 @@ class ReMDMSampler(Sampler):
             t_batch = torch.full((num,), float(t_model), device=device) if time_conditioned else None
             x = self.step(model, process, x, fixed, conf, a_t, a_s, t_batch, in_loop, i == steps - 1, generator,
                           counter, pad)
+            self.record(x)
         self.stats = counter.as_dict()
         return x, counter.nfe

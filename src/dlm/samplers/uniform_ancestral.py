@@ -114,6 +114,7 @@ class UniformAncestralSampler(Sampler):
         steps = st.steps
         num, device = given.shape[0], given.device
         x, fixed = start_from_prior(process, given, clean, pad, generator)  # (B, L)
+        self.record(x)
         free = ~fixed
         if not free.any():
             self.stats = NetworkCalls(num).as_dict()
@@ -145,8 +146,10 @@ class UniformAncestralSampler(Sampler):
             stale = torch.zeros(num, dtype=torch.long, device=device).index_add_(0, row_of, (new != xt).long()) > 0
             x = x.clone()
             x[free] = new
+            self.record(x)
         if st.greedy_tail:
             x = x.clone()
             x[free] = predict(times[-1]).argmax(-1)
+            self.record(x)
         self.stats = counter.as_dict()
         return x, counter.nfe

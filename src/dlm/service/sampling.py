@@ -15,6 +15,8 @@ from dlm.data.tokenizers import check_text
 from dlm.device import generator
 from dlm.errors import DlmError
 from dlm.infill import parse_template
+from dlm.samplers.base import recording
+from dlm.trace import check_trace_path, save_trace
 
 
 def sampler_settings(run, steps: int | None = None, temperature: float | None = None,
@@ -104,10 +106,10 @@ def infill(run, template: str, num: int, settings=None, seed: int = 0) -> tuple[
 def sample_run(run, num: int = 4, steps: int | None = None, length: int | None = None, prompt: str | None = None,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                seed: int = 0, infill: str | None = None, sampler: str | None = None,
-               overrides: list[str] | tuple = ()) -> dict:
+               overrides: list[str] | tuple = (), trace=None) -> dict:
     """``dlm sample``: ``num`` texts from ``run``, unconditional, after ``prompt`` (each answer
     stops at end-of-text) or filling the ``infill`` template; sampler chosen as by
-    :func:`sampler_settings`.
+    :func:`sampler_settings`; ``trace``: a file (.html, .gif) to draw the trajectory in (``dlm.trace``).
 
     Returns ``{"samples": [text…], "seconds", "tokens_per_s", "nfe", "steps", "length", "family", "step"}``.
     """
@@ -120,13 +122,19 @@ def sample_run(run, num: int = 4, steps: int | None = None, length: int | None =
     for flag, text in (("--prompt", prompt), ("--infill", infill)):
         if text is not None:
             check_text(text, flag, from_argv=True)
-    if infill is not None:
-        if prompt is not None or length is not None:
-            raise DlmError("--infill gives the whole sequence: drop --prompt and --length")
-        texts, nfe, seconds, length = _infill(run, infill, num, settings, seed)
-    else:
-        length = cfg.data.seq_len if length is None else length
-        texts, nfe, seconds = _continue(run, num, length, prompt, settings, seed)
+    if trace is not None:
+        check_trace_path(trace)
+    with recording() as frames:
+        if infill is not None:
+            if prompt is not None or length is not None:
+                raise DlmError("--infill gives the whole sequence: drop --prompt and --length")
+            texts, nfe, seconds, length = _infill(run, infill, num, settings, seed)
+        else:
+            length = cfg.data.seq_len if length is None else length
+            texts, nfe, seconds = _continue(run, num, length, prompt, settings, seed)
+    if trace is not None:
+        save_trace(trace, frames, run.tokenizer, prompt, infill, cfg.data.seq_len,
+                   f"dlm sample {run.path.name}: {cfg.family}, {run.family.sampler_cls.name}, seed {seed}")
     return {
         "samples": texts,
         "seconds": seconds,
