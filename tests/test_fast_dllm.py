@@ -54,8 +54,9 @@ class Spy(torch.nn.Module):
         self.calls = []  # (kind, cached logits, exact logits, full x, full score mask)
         self._full = None
 
-    def forward(self, x, t=None, score_mask=None, pad=None, kv_in=None, kv_out=None, start=0):
-        out = self.model(x, t, score_mask=score_mask, pad=pad, kv_in=kv_in, kv_out=kv_out, start=start)
+    def forward(self, x, t=None, score_mask=None, pad=None, kv_in=None, kv_out=None, start=0, score_count=None):
+        out = self.model(x, t, score_mask=score_mask, pad=pad, kv_in=kv_in, kv_out=kv_out, start=start,
+                         score_count=score_count)
         if kv_in is None:
             if kv_out is not None:
                 self._full = x.clone()

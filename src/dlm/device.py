@@ -33,3 +33,21 @@ def autocast(device: torch.device):
 
 def generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def to_host(t: torch.Tensor) -> list:
+    """The values of a small tensor on the host, as a (nested) list: on a GPU one host
+    synchronisation (one copy) however many values it holds — what a sampler reads once per
+    step instead of an ``.item()`` per value."""
+    return t.to("cpu", copy=True).tolist()
+
+
+def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """(count,) flat row-major indices of the true entries of ``mask``, which holds exactly
+    ``count`` of them (known on the host): ``mask.flatten().nonzero()[:, 0]`` without the
+    host synchronisation ``nonzero`` makes on a GPU (the output's size is given)."""
+    flat = mask.reshape(-1)
+    slot = torch.where(flat, flat.cumsum(0) - 1, count)  # a true entry's rank; the rest to a spare slot
+    out = torch.empty(count + 1, dtype=torch.long, device=mask.device)
+    out.scatter_(0, slot, torch.arange(flat.numel(), device=mask.device))
+    return out[:count]

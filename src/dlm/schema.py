@@ -73,6 +73,12 @@ class TrainConfig:
     # > 0: the output layer and the loss run this many sequences at a time under activation
     # checkpointing, so a large vocabulary's (B, L, V) float32 logits never exist at once
     loss_chunk_rows: int = setting(0, lo=0)
+    # training with static shapes: a weighted cross-entropy objective (AR's, MDLM's) runs the
+    # output layer at every position, weighting the unscored ones by zero, instead of gathering
+    # the scored positions (a boolean index: a host synchronisation a micro-step on a GPU, and
+    # a shape that changes every step); unset: on CUDA only (on a CPU the gather's saved
+    # compute wins)
+    static_shapes: bool | None = None
     # torch.compile each transformer block (inductor); the first step's wall time, compilation
     # included, is reported apart as compile_s and kept out of tokens/s
     compile: bool = False

@@ -39,7 +39,8 @@ class Backbone(nn.Module, ABC):
       without one); a backbone that is not time-conditioned ignores it.
     * ``score_mask`` (B, L) bool: return the logits (N, vocab_out) at its N true positions,
       row-major, instead of (B, L, vocab_out) — the output layer (often the largest matmul)
-      then runs only where a loss scores.
+      then runs only where a loss scores. ``score_count`` (an int), when given, is its number
+      of true positions: a backbone may then gather them without a host synchronisation.
     * ``pad`` (B, L) bool marks padding: no position attends to a padded key, so changing a
       padded token changes no other position's output.
     * ``head_fn(head, h)``: instead of the logits, return what it makes of the output layer

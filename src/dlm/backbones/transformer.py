@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from dlm.backbones.base import BACKBONES, Backbone
 from dlm.backbones.sizes import resolve_size
+from dlm.device import true_positions
 
 
 @dataclass
@@ -69,12 +70,47 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Per-layer keys and values of the tokens seen so far (causal sampling only)."""
+    """Per-layer keys and values of the tokens seen so far (causal sampling only).
 
-    def __init__(self, n_layer: int):
+    Without ``max_len`` each decoding step grows them by ``torch.cat`` (a new tensor per layer
+    and token). With ``max_len`` (the positions the sample will have) they live in buffers
+    (B, H, max_len, D) allocated at the prefill and written in place; attention reads the
+    first ``length`` positions (the same numbers as the growing cache). ``static=True``
+    (CUDA-graph-ready shapes) attends over the whole buffer instead, the positions not
+    written yet hidden by a mask, so every decoding step has the same shapes."""
+
+    def __init__(self, n_layer: int, max_len: int | None = None, static: bool = False):
+        if static and max_len is None:
+            raise ValueError("a static KV cache needs max_len")
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.length = 0
+        self.max_len, self.static = max_len, static
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, keys, D) the new positions' queries attend over, k and v
+        (B, H, T, D) of the positions [length, length + T) included."""
+        start, T = self.length, k.shape[2]
+        if self.max_len is None:
+            if self.k[layer] is not None:
+                k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        if start + T > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {start + T} asked for")
+        if self.k[layer] is None:
+            shape = (*k.shape[:2], self.max_len, k.shape[3])
+            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        self.k[layer][:, :, start:start + T] = k
+        self.v[layer][:, :, start:start + T] = v
+        if self.static:
+            return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, :start + T], self.v[layer][:, :, :start + T]
+
+    def visible(self, T: int, device: torch.device) -> torch.Tensor:
+        """(T, max_len) bool: query i (position length + i) sees the keys at positions ≤ its own."""
+        keys = torch.arange(self.max_len, device=device)
+        return keys[None] <= self.length + torch.arange(T, device=device)[:, None]
 
 
 class BlockKV:
@@ -133,13 +169,13 @@ class Attention(nn.Module):
             v = torch.cat([cv[:, :, :start], v, cv[:, :, start + T:]], dim=2)
         if cache is not None:
             if cache.k[layer] is not None:
-                k = torch.cat([cache.k[layer], k], dim=2)
-                v = torch.cat([cache.v[layer], v], dim=2)
                 # decoding: the new queries come after every cached key
                 if T != 1:
                     raise ValueError("a KV cache decodes one token at a time after the prefill")
                 is_causal = False
-            cache.k[layer], cache.v[layer] = k, v
+            k, v = cache.extend(layer, k, v)
+            if cache.static:  # the whole buffer: the causal rule and the unwritten positions as a mask
+                attn_mask, is_causal = cache.visible(T, x.device), False
         if attn_mask is not None:  # padding hidden: the causal rule is then part of the mask
             is_causal = False
         y = F.scaled_dot_product_attention(
@@ -298,6 +334,7 @@ class Transformer(Backbone):
         kv_out: BlockKV | None = None,
         start: int = 0,
         head_fn=None,
+        score_count: int | None = None,
     ) -> torch.Tensor:
         """x (B, T) ids or embeds (B, T, C), t, score_mask, pad and head_fn: the
         :class:`~dlm.backbones.base.Backbone` contract. With a ``cache``, the input holds the
@@ -309,7 +346,8 @@ class Transformer(Backbone):
         it attends to its own fresh keys and values and to ``kv_in``'s at every other position;
         ``score_mask`` is then (B, T) over the window and ``pad`` (B, L) over the whole
         sequence (the keys span all of it). Without ``pad`` attention runs unmasked (on GPUs:
-        the flash kernels).
+        the flash kernels). ``score_count``: the number of true positions of ``score_mask``,
+        when the caller knows it on the host (the gather then makes no host synchronisation).
         """
         h = self.input_vectors(x, embeds)  # (B, T, C)
         B, T, _ = h.shape
@@ -322,7 +360,7 @@ class Transformer(Backbone):
         h = self._blocks(h, c, cos, sin, cache, attn_mask, kv)  # (B, T, C)
         if cache is not None:
             cache.length += T
-        return self._output(h, c, score_mask, head_fn)
+        return self._output(h, c, score_mask, head_fn, score_count)
 
     def _positions(self, B: int, T: int, cache: KVCache | None, kv_in: BlockKV | None,
                    kv_out: BlockKV | None, start: int) -> tuple[int, int]:
@@ -381,14 +419,17 @@ class Transformer(Backbone):
                 h = block(h, c, cos, sin, cache, i, attn_mask, **kv)
         return h
 
-    def _output(self, h: torch.Tensor, c, score_mask: torch.Tensor | None, head_fn) -> torch.Tensor:
+    def _output(self, h: torch.Tensor, c, score_mask: torch.Tensor | None, head_fn,
+                score_count: int | None = None) -> torch.Tensor:
         """The final norm (adaLN-modulated with time conditioning), then the output layer at the
         ``score_mask`` positions: float32 logits (B, T, V) or (N, V), or ``head_fn(head, h)``."""
         h = self.norm(h)  # (B, T, C)
         if self.final_ada is not None:
             shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)  # (B, 1, C) each
             h = modulate(h, shift, scale)
-        if score_mask is not None:
+        if score_mask is not None and score_count is not None:  # (N, C) by flat indices: no host sync
+            h = h.reshape(-1, h.shape[-1])[true_positions(score_mask, score_count)]
+        elif score_mask is not None:
             h = h[score_mask]  # (N, C), row-major order
         if head_fn is not None:
             return head_fn(self.head, h)

@@ -31,7 +31,7 @@ from dlm.settings import ComponentConfig, apply_dict, check_settings
 from dlm.errors import DlmError
 from dlm.objectives import OBJECTIVES, Corrupted, Objective, Scored
 from dlm.objectives.base import Predictor
-from dlm.objectives.chunked import chunked_score
+from dlm.objectives.chunked import chunked_score, dense_score
 from dlm.processes import PROCESSES
 from dlm.registry import ProcessView, Registry
 from dlm.samplers import SAMPLERS, Sampler, SamplerSettings
@@ -170,13 +170,22 @@ class Family(ABC):
               pad=None) -> Scored:
         """``objective`` at ``where``, the network called on inputs ``x`` (and ``t`` when
         time-conditioned) through a :class:`Predictor`; a one-pass objective in training with
-        ``train.loss_chunk_rows`` > 0 runs a chunk of sequences at a time."""
+        ``train.loss_chunk_rows`` > 0 runs a chunk of sequences at a time; with static shapes
+        (``train.static_shapes``) a weighted cross-entropy is scored at every position."""
         rows = self.cfg.train.loss_chunk_rows
         t = t if self.time_conditioned else None
+        if torch.is_grad_enabled() and objective.one_pass() and self.static_shapes(x.device):
+            if objective.token_weights(c, where, process) is not None:
+                return model(x, t, pad=pad, head_fn=partial(dense_score, objective, c, where, process, rows))
         if rows and torch.is_grad_enabled() and objective.one_pass():
             return model(x, t, score_mask=where, pad=pad,
                          head_fn=partial(chunked_score, objective, c, where, process, rows))
         return objective.score(Predictor(model, x, t, pad, self.time_conditioned), c, where, process)
+
+    def static_shapes(self, device: torch.device) -> bool:
+        """Whether training scores with static shapes on ``device`` (``train.static_shapes``)."""
+        static = self.cfg.train.static_shapes
+        return device.type == "cuda" if static is None else static
 
     backbone: ClassVar[str] = "transformer"  # the BACKBONES entry the family's network is
     process = None  # the forward process (a diffusion family's); None for the autoregressive one

@@ -17,3 +17,6 @@ class NextTokenCrossEntropy(Objective):
     def __call__(self, logits, c: Corrupted, where, process=None) -> Scored:
         ce = F.cross_entropy(logits, c.x0[where], reduction="none")  # (N,)
         return Scored(per_sequence(ce, where), token_count(where))
+
+    def token_weights(self, c, where, process=None):
+        return where.float(), token_count(where)

@@ -87,6 +87,13 @@ class Objective:
     def __call__(self, logits: torch.Tensor, c: Corrupted, where: torch.Tensor, process) -> Scored:
         raise NotImplementedError
 
+    def token_weights(self, c: Corrupted, where: torch.Tensor, process) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """((B, L) weights w, (B,) count) when the objective is a weighted cross-entropy,
+        nats_b = Σ_l w_bl · −log p_θ(x0_bl | ·) with w zero outside ``where``; None otherwise.
+        Such an objective can be scored at every position with static shapes (no boolean
+        gather, no host synchronisation: ``train.static_shapes``, ``dlm.objectives.chunked``)."""
+        return None
+
     def score(self, predict: "Predictor", c: Corrupted, where: torch.Tensor, process) -> Scored:
         """Scored from the network: by default one pass, the logits at ``where`` handed to
         ``__call__``. An objective whose loss needs more of the network — a second pass, a

@@ -39,3 +39,28 @@ def chunked_score(objective: Objective, c: Corrupted, where: torch.Tensor, proce
         nats.append(n)
         counts.append(k)
     return Scored(torch.cat(nats), torch.cat(counts))
+
+
+def dense_score(objective: Objective, c: Corrupted, where: torch.Tensor, process, rows: int, head, h):
+    """Scored of a weighted cross-entropy objective (``Objective.token_weights``) from hidden
+    states h (B, L, C) at *every* position, the weights zero where nothing is scored: static
+    shapes, no boolean gather and no host synchronisation, at the price of the output layer
+    at the unscored positions too (none for AR on packed text; for MDLM the unmasked ones).
+    ``rows`` > 0: that many sequences at a time under activation checkpointing, as
+    :func:`chunked_score` (a ``head_fn`` for ``Transformer.forward``)."""
+    weights, count = objective.token_weights(c, where, process)
+    B = h.shape[0]
+    step = rows or B
+    nats = []
+    for r in range(0, B, step):
+        part = (h[r:r + step], c.x0[r:r + step], weights[r:r + step])
+        nats.append(checkpoint(weighted_ce, head, *part, use_reentrant=False) if rows else weighted_ce(head, *part))
+    return Scored(torch.cat(nats), count)
+
+
+def weighted_ce(head, h: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B,) Σ_l weights_bl · −log softmax(head(h_bl))[target_bl]: the logits in the compute
+    dtype (bf16 under autocast), their log-sum-exp and the picked logit in float32."""
+    logits = head(h)  # (B, L, V)
+    picked = logits.gather(-1, target[..., None])[..., 0].float()
+    return ((logits.float().logsumexp(-1) - picked) * weights).sum(-1)

@@ -39,6 +39,9 @@ class MDLMNelbo(MaskedObjective):
         nats = process.schedule.weight(c.t) * self.masked_nll(logits, c, where)
         return Scored(nats, token_count(c.target))
 
+    def token_weights(self, c, where, process: MaskedProcess):
+        return process.schedule.weight(c.t)[:, None] * where, token_count(c.target)
+
 
 class LLaDACrossEntropy(MaskedObjective):
     """LLaDA's objective (arXiv 2502.09992): masked cross-entropy divided by the masking
@@ -50,6 +53,10 @@ class LLaDACrossEntropy(MaskedObjective):
     def __call__(self, logits, c, where, process: MaskedProcess) -> Scored:
         mask_prob = (1.0 - process.schedule.alpha(c.t)).clamp_min(1e-6)
         return Scored(self.masked_nll(logits, c, where) / mask_prob, token_count(c.target))
+
+    def token_weights(self, c, where, process: MaskedProcess):
+        mask_prob = (1.0 - process.schedule.alpha(c.t)).clamp_min(1e-6)
+        return where / mask_prob[:, None], token_count(c.target)
 
 
 class CountNelbo(MaskedObjective):
@@ -73,3 +80,7 @@ class CountNelbo(MaskedObjective):
         n = token_count(c.target)
         k = token_count(where).clamp_min(1)
         return Scored(n / k * self.masked_nll(logits, c, where), n)
+
+    def token_weights(self, c, where, process: MaskedProcess):
+        n = token_count(c.target)
+        return (n / token_count(where).clamp_min(1))[:, None] * where, n

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dlm.backbones import KVCache
+from dlm.device import to_host
 from dlm.errors import DlmError
 from dlm.processes.causal import Causal
 from dlm.samplers.base import UNSET, Sampler, filter_logits, sample_categorical
@@ -34,8 +35,9 @@ class AutoregressiveSampler(Sampler):
         state = torch.where(clean, given, UNSET)  # the trace's view: positions not generated yet are UNSET
         self.record(state)
         nfe = 0
-        for n in sorted(set(lengths.tolist())):
-            rows = (lengths == n).nonzero()[:, 0]
+        host = to_host(lengths)  # one host synchronisation; the groups' rows are indexed from the host
+        for n in sorted(set(host)):
+            rows = torch.tensor([b for b, m in enumerate(host) if m == n], device=given.device)
 
             def grown(part, rows=rows):  # one more token in these rows: the whole state, recorded
                 state[rows, : part.shape[1]] = part
@@ -51,7 +53,7 @@ class AutoregressiveSampler(Sampler):
         out = prefix[:, 1:]
         if out.shape[1] >= length:
             return out[:, :length], 0
-        cache = KVCache(model.cfg.n_layer)
+        cache = KVCache(model.cfg.n_layer, max_len=length)  # preallocated: written in place
         logits = model(prefix, cache=cache)[:, -1]  # prefill: (B, V)
         nfe = 1
         while out.shape[1] < length:

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from dlm.backbones.transformer import BlockKV
+from dlm.device import to_host, true_positions
 from dlm.settings import setting
 from dlm.processes.masked import MaskedProcess
 from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical, start_from_prior
@@ -70,13 +71,18 @@ def plan_blocks(free: torch.Tensor, block_length: int, steps: int) -> list[tuple
     ``free`` (B, L): generated positions. Blocks tile [first generated position, L) in
     ``block_length`` positions; each block's share of ``steps`` is proportional to its
     positions generated in any row (cumulative rounding), at least 1."""
-    any_free = free.any(0)  # (L,)
-    if not bool(any_free.any()):
+    return plan_counted(to_host(free.sum(0)), block_length, steps)
+
+
+def plan_counted(per_position: list[int], block_length: int, steps: int) -> list[tuple[int, int, int]]:
+    """:func:`plan_blocks` from the host's ``per_position`` (L,): the rows generating each position."""
+    any_free = [n > 0 for n in per_position]
+    if not any(any_free):
         return []
-    L = free.shape[1]
-    first = int(any_free.nonzero()[0, 0])
+    L = len(any_free)
+    first = any_free.index(True)
     blocks = [(s, min(s + block_length, L)) for s in range(first, L, block_length)]
-    widths = [int(any_free[s:e].sum()) for s, e in blocks]
+    widths = [sum(any_free[s:e]) for s, e in blocks]
     total, cum, prev, out = sum(widths), 0, 0, []
     for (s, e), w in zip(blocks, widths):
         if w == 0:
@@ -114,20 +120,24 @@ class FastDllmSampler(Sampler):
             filtered = filter_logits(rows, dataclasses.replace(self.settings, temperature=1.0))
         return filtered.softmax(-1).max(-1).values
 
-    def _logits(self, model, x, t, where, pad, block: tuple[int, int], first: bool, kv: BlockKV | None):
-        """(N, V) logits at ``where`` (all inside the block), and the window width computed."""
+    def _logits(self, model, x, t, where, pad, block: tuple[int, int], first: bool, kv: BlockKV | None, n: int):
+        """(N, V) logits at ``where`` (all inside the block; ``n`` = N, known on the host), and
+        the window width computed."""
         mode = self.settings.cache
         if mode == "none":
-            return model(x, t, score_mask=where, pad=pad), x.shape[1]
+            return model(x, t, score_mask=where, pad=pad, score_count=n), x.shape[1]
         if first:  # a full pass, recording every layer's K/V for the rest of the block
-            return model(x, t, score_mask=where, pad=pad, kv_out=kv), x.shape[1]
+            return model(x, t, score_mask=where, pad=pad, kv_out=kv, score_count=n), x.shape[1]
         start, end = block[0], (x.shape[1] if mode == "prefix" else block[1])
-        logits = model(x[:, start:end], t, score_mask=where[:, start:end], pad=pad, kv_in=kv, start=start)
+        logits = model(x[:, start:end], t, score_mask=where[:, start:end], pad=pad, kv_in=kv, start=start,
+                       score_count=n)
         return logits, end - start
 
     @torch.no_grad()
     def sample(self, model, process: MaskedProcess, given, clean, generator, time_conditioned: bool, pad=None):
-        """(B, L) tokens and the number of network calls; ``clean`` positions are kept as in ``given``."""
+        """(B, L) tokens and the number of network calls; ``clean`` positions are kept as in ``given``.
+        One host synchronisation before the first block and one a step (the tokens the step
+        unmasked): the masks left in a block are counted on the host, positions written by index."""
         opts = self.settings
         B, L = given.shape
         device = given.device
@@ -136,33 +146,36 @@ class FastDllmSampler(Sampler):
         n_free = free.sum(-1).clamp_min(1)
         nfe, computed = 0, 0
         self.record(x)
-        for start, end, share in plan_blocks(free, opts.block_length, opts.steps):
+        per_position = to_host(free.sum(0))  # (L,): at the start every generated position is masked
+        for start, end, share in plan_counted(per_position, opts.block_length, opts.steps):
+            masks_left = sum(per_position[start:end])  # masks left in the block
             in_block = torch.zeros(L, dtype=torch.bool, device=device)
             in_block[start:end] = True
             kv = None if opts.cache == "none" else BlockKV()
             for j in range(share):
-                masked = (x == process.mask_id) & in_block  # (B, L)
-                if not bool(masked.any()):
+                if not masks_left:
                     break
+                masked = (x == process.mask_id) & in_block  # (B, L)
                 t = None
                 if time_conditioned:
                     frac = ((x == process.mask_id) & free).sum(-1) / n_free
                     t = time_of_masked_fraction(process.schedule, frac)
-                logits, width = self._logits(model, x, t, masked, pad, (start, end), j == 0, kv)
+                logits, width = self._logits(model, x, t, masked, pad, (start, end), j == 0, kv, masks_left)
                 nfe += 1
                 computed += width
                 filtered = filter_logits(logits, opts)  # (N, V) float64
                 tokens = sample_categorical(filtered, generator)  # (N,)
-                conf = torch.full((B, L), float("-inf"), dtype=torch.float64, device=device)
-                conf[masked] = self._confidence(logits, filtered)
+                where = true_positions(masked, masks_left)  # (N,) flat positions of the masks, row-major
+                conf = torch.full((B * L,), float("-inf"), dtype=torch.float64, device=device)
+                conf = conf.scatter(0, where, self._confidence(logits, filtered)).view(B, L)
                 # at least ⌈m / steps left⌉ per row (≥ 1 while masks remain): the block ends within its share
                 left = masked.sum(-1)
                 floor = (left + (share - j) - 1) // (share - j)  # (B,)
                 rank = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
                 unmask = masked & ((conf > opts.threshold) | (rank < floor[:, None]))
-                drawn = torch.zeros_like(x)
-                drawn[masked] = tokens
+                drawn = torch.zeros_like(x).reshape(-1).scatter(0, where, tokens).view_as(x)
                 x = torch.where(unmask, drawn, x)
+                masks_left -= to_host(unmask.sum())  # the step's one host synchronisation
                 self.record(x)
         self.last_stats = {"nfe": nfe, "positions": computed / max(1, nfe * L)}
         return x, nfe

@@ -75,6 +75,8 @@ class Guided(nn.Module):
         def twice(v):
             return None if v is None else torch.cat([v, v])
 
+        if kw.get("score_count") is not None:  # both halves' positions
+            kw["score_count"] = 2 * kw["score_count"]
         if x2.is_floating_point():  # a continuous process's state: vectors, not ids
             kw["embeds"], x2 = x2, None
         logits = self.model(x2, twice(t), score_mask=twice(score_mask), pad=twice(pad), **kw)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dlm.device import to_host, true_positions
 from dlm.settings import setting
 from dlm.processes.masked import MaskedProcess
 from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical, start_from_prior
@@ -87,6 +88,20 @@ def evaluate_rows(model, x, where, t, pad, counter: NetworkCalls, rows: torch.Te
                                  pad=None if pad is None else pad[idx])
 
 
+def evaluate_counted(model, x, where, t, pad, counter: NetworkCalls, per_row: list[int]):
+    """:func:`evaluate_rows` when the host knows ``per_row`` (B,), the true positions of each row
+    of ``where``: the rows with any run, and nothing makes a host synchronisation (the rows
+    are picked by an index built on the host, the positions gathered by their count)."""
+    rows = [b for b, n in enumerate(per_row) if n]
+    counter.calls += 1
+    counter.rows += len(rows)
+    if len(rows) == x.shape[0]:
+        return model(x, t, score_mask=where, pad=pad, score_count=sum(per_row))
+    idx = torch.tensor(rows, device=x.device)
+    return _row_view(model, idx)(x[idx], None if t is None else t[idx], score_mask=where[idx],
+                                 pad=None if pad is None else pad[idx], score_count=sum(per_row))
+
+
 def time_of_alpha(schedule, alpha: torch.Tensor, iters: int = 64) -> torch.Tensor:
     """The t ∈ [0, 1] with schedule.alpha(t) = ``alpha`` (float64, elementwise), by bisection
     (every schedule is decreasing from α(0) = 1 to α(1) = 0)."""
@@ -111,32 +126,45 @@ class MaskedAncestralSampler(Sampler):
     @torch.no_grad()
     def sample(self, model, process: MaskedProcess, given, clean, generator, time_conditioned: bool, pad=None):
         """(B, L) tokens and the network evaluations (full-batch equivalents); ``clean``
-        positions are kept as in ``given``."""
+        positions are kept as in ``given``. One host synchronisation before the first step and
+        one a step (the step's unmasking counts per row); the time grid and the unmasking
+        probabilities are host floats, tokens are written by flat index (no boolean masks)."""
         steps = self.settings.steps
         num = given.shape[0]
         device = given.device
         x, fixed = start_from_prior(process, given, clean, pad, generator)  # (B, L)
-        times = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
+        times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)  # on the host
+        p_unmask = process.unmask_probability(times[:-1], times[1:]).tolist()[:-1] + [1.0]
+        times = times.tolist()
         counter = NetworkCalls(num)
         self.record(x)
+        left = to_host((x == process.mask_id).sum())  # masks left, known on the host from here on
         for i in range(steps):
-            t, s = times[i], times[i + 1]
-            masked = x == process.mask_id
-            if not masked.any():
+            if not left:
                 break
-            t_batch = torch.full((num,), float(t), device=device) if time_conditioned else None
+            masked = x == process.mask_id
+            t_batch = torch.full((num,), times[i], device=device) if time_conditioned else None
             if not self.settings.cache:  # the whole batch, at every masked position
-                logits = evaluate_rows(model, x, masked, t_batch, pad, counter, rows=torch.ones_like(masked[:, 0]))
-            p_unmask = 1.0 if i == steps - 1 else float(process.unmask_probability(t, s))
+                logits = self._full(model, x, masked, t_batch, pad, counter, left)
             u = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
-            unmask = masked & (u < p_unmask)
-            if unmask.any():
+            unmask = masked & (u < p_unmask[i])
+            per_row = to_host(unmask.sum(-1))  # the step's one host synchronisation
+            n = sum(per_row)
+            if n:
                 if self.settings.cache:  # only the rows that unmask now, only where they unmask
-                    rows = evaluate_rows(model, x, unmask, t_batch, pad, counter)
-                else:
-                    rows = logits[unmask[masked]]  # (n, V): the masked positions that unmask now
-                x = x.clone()
-                x[unmask] = sample_categorical(filter_logits(rows, self.options), generator)
+                    rows = evaluate_counted(model, x, unmask, t_batch, pad, counter, per_row)
+                else:  # (n, V): the masked positions that unmask now
+                    rows = logits[true_positions(unmask.reshape(-1)[true_positions(masked, left)], n)]
+                tokens = sample_categorical(filter_logits(rows, self.options), generator)
+                x = x.reshape(-1).scatter(0, true_positions(unmask, n), tokens).view_as(x)
+                left -= n
             self.record(x)
         self.stats = counter.as_dict()
         return x, counter.nfe
+
+    @staticmethod
+    def _full(model, x, masked, t_batch, pad, counter: NetworkCalls, left: int):
+        """(left, V) logits at every masked position of the whole batch (``cache: false``)."""
+        counter.calls += 1
+        counter.rows += x.shape[0]
+        return model(x, t_batch, score_mask=masked, pad=pad, score_count=left)

@@ -1,0 +1,139 @@
+"""Host synchronisations per training micro-step and per sampler network call, counted on
+the CPU by a dispatch mode over the operations that make a GPU's host wait
+(``tests/synccount.py``), and the sync-free samplers against the tokens the samplers drew
+before they were made so (``tests/data/host_sync_tokens.json``, written by
+``tests/scripts/host_sync_fixture.py`` on commit 5783b0c's code).
+
+Counted before the change on these tiny models: a training micro-step 4 (AR and MDLM: the
+score mask's boolean gather and its backward, a ``nonzero``, the target's gather); masked
+ancestral, 12 steps / 9 network calls, 62 (batch 1) and 73 (batch 3); Fast-dLLM, 16 calls,
+70; the AR sampler 1 per sample."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlm.backbones import KVCache
+from dlm.batch import Batch
+from dlm.distributed import Dist
+from dlm.schema import TrainConfig
+from dlm.trainer.step import accumulate_gradients
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synccount import SAMPLERS, V, SyncCounter, draw, tiny  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FIXTURE = json.loads((Path(__file__).parent / "data" / "host_sync_tokens.json").read_text())
+
+
+def micro_step(family: str, static: bool, clean: bool = False):
+    """(syncs, loss) of one optimiser step of one micro-batch, packed text (or a prompt)."""
+    fam, model = tiny(family, train=TrainConfig(static_shapes=static))
+    x0 = torch.randint(0, V, (4, 32), generator=torch.Generator().manual_seed(0))
+    batch = Batch(x0, clean=(torch.arange(32) < 5).expand(4, 32).clone() if clean else None)
+    with SyncCounter() as c:
+        loss = accumulate_gradients(fam, model, model, [batch], torch.Generator().manual_seed(3), Dist(),
+                                    torch.device("cpu"))
+    return c, loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["ar", "mdlm"])
+def test_training_micro_step_makes_no_host_sync_with_static_shapes(family):
+    c, _, _ = micro_step(family, True)
+    assert c.total == 0, dict(c.counts)
+    before, _, _ = micro_step(family, False)  # the gather of the scored positions: what a CPU runs
+    assert before.total >= 3, dict(before.counts)
+
+
+@pytest.mark.parametrize("family", ["ar", "mdlm"])
+@pytest.mark.parametrize("clean", [False, True])
+def test_static_shapes_give_the_gathered_loss_and_gradient(family, clean):
+    _, loss_on, grads_on = micro_step(family, True, clean)
+    _, loss_off, grads_off = micro_step(family, False, clean)
+    assert torch.allclose(loss_on, loss_off, rtol=1e-6)
+    assert grads_on.keys() == grads_off.keys()
+    for name in grads_on:
+        assert torch.allclose(grads_on[name], grads_off[name], rtol=1e-4, atol=1e-7), name
+
+
+@pytest.mark.parametrize("key", sorted(SAMPLERS))
+@pytest.mark.parametrize("num", [1, 3])
+def test_samplers_draw_the_tokens_they_drew_before(key, num):
+    tokens, _ = draw(key, num)
+    assert tokens.tolist() == FIXTURE[f"{key}/{num}"]
+
+
+@pytest.mark.parametrize("key", sorted(SAMPLERS))
+def test_samplers_make_at_most_one_host_sync_a_network_call(key):
+    """One per network call, plus one before the first (the masks to generate). The masked
+    ancestral sampler reads one count a *step*: a step that unmasks nothing makes no network
+    call but still reads that count (so per step, not per call, for that sampler)."""
+    family, sampler, settings = SAMPLERS[key]
+    for num in (1, 3):
+        with SyncCounter() as c:
+            _, calls = draw(key, num)
+        per_step = family == "mdlm" and sampler == "ancestral"
+        budget = (settings["steps"] if per_step else calls) + 1 + ("guidance" in settings)  # Guided checks its prompt
+        if family == "ar":
+            budget = 2  # the prompt check and the prompt lengths, once per sample; none per token
+        assert calls >= 5 and c.total <= budget, (key, num, calls, dict(c.counts))
+
+
+def test_no_unmasking_step_is_counted_in_the_network_calls():
+    """The per-step allowance above is real: with as many steps as calls, one sync a call."""
+    with SyncCounter() as c:
+        _, calls = draw("mdlm-ancestral-nocache", 3)
+    assert calls == SAMPLERS["mdlm-ancestral-nocache"][2]["steps"] and c.total == calls + 1
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_preallocated_kv_cache_decodes_as_the_growing_one(static):
+    fam, model = tiny("ar")
+    model.eval()
+    x = torch.randint(0, V, (3, 20), generator=torch.Generator().manual_seed(5))
+    outs = []
+    for cache in (KVCache(2), KVCache(2, max_len=20, static=static)):
+        with torch.no_grad():
+            steps = [model(x[:, :6], cache=cache)]
+            steps += [model(x[:, i:i + 1], cache=cache) for i in range(6, 20)]
+        outs.append(torch.cat(steps, dim=1))
+    if static:  # attention over the whole buffer: the same numbers up to float32 rounding
+        assert torch.allclose(outs[0], outs[1], atol=1e-5)
+        assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))
+    else:
+        assert torch.equal(outs[0], outs[1])
+    with torch.no_grad():
+        full = model(x)
+    assert torch.allclose(outs[1], full, atol=1e-5)
+
+
+def test_static_kv_cache_keeps_its_shapes_and_refuses_overflow():
+    _, model = tiny("ar")
+    cache = KVCache(2, max_len=8, static=True)
+    with torch.no_grad():
+        model(torch.zeros(2, 7, dtype=torch.long), cache=cache)
+        model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+        assert cache.k[0].shape[2] == 8
+        with pytest.raises(ValueError, match="holds 8 positions"):
+            model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="needs max_len"):
+        KVCache(2, static=True)
+
+
+def test_static_shapes_setting_through_the_cli(tmp_path, capsys):
+    from helpers import TINY, one_line_error, run
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("".join(f"To be, or not to be, that is the question {i}.\n" for i in range(200)))
+    code, _, err = run(["train", "--data", str(corpus), "--out", str(tmp_path / "bad"), "--steps", "2", *TINY,
+                        "train.static_shapes=maybe"], capsys)
+    one_line_error(code, err, "train.static_shapes")
+    assert not (tmp_path / "bad").exists()
+    for family in ("ar", "mdlm"):
+        code, _, err = run(["train", "--family", family, "--data", str(corpus), "--out", str(tmp_path / family),
+                            "--steps", "2", *TINY, "train.static_shapes=true"], capsys)
+        assert code == 0, err
+        assert "static_shapes: true" in (tmp_path / family / "config.yaml").read_text()
