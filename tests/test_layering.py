@@ -17,7 +17,8 @@ MAX_FUNCTION_LINES = 80
 # Prefixes: a package name covers its modules (the longest matching prefix decides).
 LAYERS = [
     ["dlm.errors", "dlm.registry", "dlm.settings", "dlm.fsio", "dlm.batch", "dlm.device", "dlm.flops",
-     "dlm.distributed", "dlm.runlock", "dlm.metrics", "dlm.infill"],
+     "dlm.distributed", "dlm.runlock", "dlm.metrics", "dlm.infill",
+     "dlm.export.modeling_dlm"],  # the file an export ships: torch and transformers only
     ["dlm.schema", "dlm.schedules"],
     ["dlm.data", "dlm.backbones", "dlm.processes"],
     ["dlm.objectives", "dlm.samplers"],
@@ -25,7 +26,7 @@ LAYERS = [
     ["dlm.config"],
     ["dlm.checkpoint", "dlm.judge"],
     ["dlm.runs", "dlm.evaluate", "dlm.train", "dlm.trainer", "dlm.lm_eval_adapter", "dlm.trace"],
-    ["dlm.service"],
+    ["dlm.service", "dlm.export"],
     ["dlm.bench"],
     ["dlm.cli", "dlm.__main__"],
 ]

@@ -423,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quickstart_parser(sub)
     _add_lm_eval_parser(sub)
     _add_bench_parser(sub)
+    _add_export_parser(sub)
     return p
 
 
@@ -567,6 +568,27 @@ def _add_bench_parser(sub) -> None:
     bc.add_argument("overrides", nargs="*", help="key=value: run-config keys for every model (train.steps=200), "
                     "compare.KEY for the comparison (compare.samples=8)")
     bc.set_defaults(func=cmd_bench_compare)
+
+
+def cmd_export(args) -> int:
+    """``dlm export RUN OUT``: the run as a Hugging Face model folder (dlm.export)."""
+    from dlm.export import export_run
+
+    result = export_run(Path(args.run), Path(args.out), use_ema=not args.no_ema)
+    print(json.dumps(result) if args.json else f"exported {args.run} (step {result['step']}) to {args.out}: "
+          f"{', '.join(result['files'])}")
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    """``dlm export RUN OUT``."""
+    x = sub.add_parser("export", help="write a run as a Hugging Face model folder (transformers loads it with "
+                       "trust_remote_code=True; dlm eval / sample read it back)")
+    x.add_argument("run")
+    x.add_argument("out", help="the folder to create (new, or empty)")
+    x.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_export)
 
 
 def main(argv: list[str] | None = None) -> int:

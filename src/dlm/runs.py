@@ -1,4 +1,5 @@
-"""Open a trained run folder for evaluation or sampling."""
+"""Open a trained run folder for evaluation or sampling — or a folder ``dlm export`` wrote
+(a Hugging Face model folder that also holds the run's config and tokenizer)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,41 @@ def check_family(path: Path) -> None:
                        f"({path / MARKER}): restore 'family: {trained}' in {config}")
 
 
+EXPORT_CONFIG, EXPORT_TOKENIZER = "dlm_config.yaml", "dlm_tokenizer.json"  # beside config.json in an export
+
+
+def is_export_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder ``dlm export`` wrote (not a run folder)."""
+    return not is_run_dir(path) and (path / EXPORT_CONFIG).is_file() and (path / "config.json").is_file()
+
+
+def _load_export(path: Path, device: str) -> LoadedRun:
+    """An exported folder as a run: its config, tokenizer and ``model.safetensors``."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from dlm.config import from_dict
+
+    cfg = from_dict(load_yaml(path / EXPORT_CONFIG))
+    tokenizer = load_tokenizer(path / EXPORT_TOKENIZER)
+    try:
+        step = int(json.loads((path / "config.json").read_text(encoding="utf-8"))["dlm"]["step"])
+        weights = load_file(path / "model.safetensors")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DlmError(f"{path} is not a readable dlm export ({type(e).__name__}: {str(e)[:100]})") from None
+    family = FAMILIES.get(cfg.family)(cfg, tokenizer.vocab_size, tokenizer.eos_id)
+    model = family.build_model()
+    load_weights(model, weights, path)
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    return LoadedRun(path, cfg, tokenizer, family, model, step, dev)
+
+
 def load_run(path: Path, device: str = "auto", use_ema: bool = True) -> LoadedRun:
     path = Path(path)
+    if is_export_dir(path):
+        return _load_export(path, device)
     check_family(path)
     cfg = read_run_config(path)
     tok_path = path / "tokenizer.json"

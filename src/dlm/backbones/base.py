@@ -44,6 +44,7 @@ class Backbone(nn.Module, ABC):
     * ``pad`` (B, L) bool marks padding: no position attends to a padded key, so changing a
       padded token changes no other position's output.
     * ``head_fn(head, h)``: instead of the logits, return what it makes of the output layer
+      (a callable: hidden states (…, C) → logits (…, vocab_out) in the compute dtype)
       ``head`` and the final hidden states h (N, d_model) (a chunked head + loss,
       ``dlm.objectives.chunked``).
 

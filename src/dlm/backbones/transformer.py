@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -42,6 +43,16 @@ class TransformerConfig:
     dropout: float = 0.0
     rope_base: float = 10000.0
     activation_checkpointing: bool = False  # training: recompute each block's activations in the backward
+    # the output layer's rows rounded up to a multiple of this (aligned matmul kernels on GPUs);
+    # 0: 64 for a vocabulary of 8,192 or more (GPT-2's 50,257 → 50,304), none below
+    vocab_multiple: int = 0
+
+    @property
+    def head_rows(self) -> int:
+        """Rows of the output layer: ``vocab_out``, padded (the padded rows are never scored,
+        sampled or saved: logits are sliced to ``vocab_out``, state dicts hold ``vocab_out`` rows)."""
+        multiple = self.vocab_multiple or (64 if self.vocab_out >= 8192 else 1)
+        return -(-self.vocab_out // multiple) * multiple
 
 
 class Rotary(nn.Module):
@@ -238,6 +249,22 @@ class TimeEmbedding(nn.Module):
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
+def _unpad_head(module: "Transformer", state: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook: the output layer's first ``vocab_out`` rows (the padding is not saved)."""
+    for name in ("head.weight", "head.bias"):
+        if prefix + name in state:
+            state[prefix + name] = state[prefix + name][:module.cfg.vocab_out]
+
+
+def _pad_head(module: "Transformer", state: dict, prefix: str, *args) -> None:
+    """Load pre-hook: an output layer of ``vocab_out`` rows (every run folder's) padded with zeros."""
+    for name in ("head.weight", "head.bias"):
+        key = prefix + name
+        if key in state and state[key].shape[0] == module.cfg.vocab_out:
+            pad = state[key].new_zeros((module.cfg.head_rows - module.cfg.vocab_out, *state[key].shape[1:]))
+            state[key] = torch.cat([state[key], pad])
+
+
 @BACKBONES.register("transformer")
 class Transformer(Backbone):
     """The :class:`~dlm.backbones.base.Backbone` contract, plus the caches of the module
@@ -255,8 +282,11 @@ class Transformer(Backbone):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.d_model, bias=False)
         self.final_ada = nn.Linear(cfg.cond_dim, 2 * cfg.d_model) if cfg.cond_dim else None
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_out, bias=True)
+        self.head = nn.Linear(cfg.d_model, cfg.head_rows, bias=True)
         self._init_weights()
+        if cfg.head_rows != cfg.vocab_out:  # run folders hold vocab_out rows, before padding and after
+            self._register_state_dict_hook(_unpad_head)
+            self._register_load_state_dict_pre_hook(partial(_pad_head, self))
 
     @classmethod
     def build(cls, model_cfg, *, vocab_in: int, vocab_out: int, causal: bool, cond_dim: int) -> Transformer:
@@ -419,6 +449,12 @@ class Transformer(Backbone):
                 h = block(h, c, cos, sin, cache, i, attn_mask, **kv)
         return h
 
+    def logits_of(self, h: torch.Tensor) -> torch.Tensor:
+        """The output layer at hidden states h (…, C): logits (…, vocab_out) in the compute
+        dtype, the padded rows of the layer left out."""
+        out = self.head(h)
+        return out if self.cfg.head_rows == self.cfg.vocab_out else out[..., :self.cfg.vocab_out]
+
     def _output(self, h: torch.Tensor, c, score_mask: torch.Tensor | None, head_fn,
                 score_count: int | None = None) -> torch.Tensor:
         """The final norm (adaLN-modulated with time conditioning), then the output layer at the
@@ -431,6 +467,6 @@ class Transformer(Backbone):
             h = h.reshape(-1, h.shape[-1])[true_positions(score_mask, score_count)]
         elif score_mask is not None:
             h = h[score_mask]  # (N, C), row-major order
-        if head_fn is not None:
-            return head_fn(self.head, h)
-        return self.head(h).float()  # (B, T, V) or (N, V)
+        if head_fn is not None:  # the layer itself; a padded one as its logits sliced to vocab_out
+            return head_fn(self.head if self.cfg.head_rows == self.cfg.vocab_out else self.logits_of, h)
+        return self.logits_of(h).float()  # (B, T, V) or (N, V)

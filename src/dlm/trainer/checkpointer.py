@@ -35,6 +35,16 @@ def open_for_resume(out: Path, cfg: RunConfig, data: TokenData, dist: Dist,
     return ckpt, shards
 
 
+def pad_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Moments of fewer rows than their parameter (an output layer padded since the run began:
+    ``TransformerConfig.vocab_multiple``) padded with zeros, like the layer's padded rows."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.dim() and v.shape[1:] == p.shape[1:] and v.shape[0] < p.shape[0]:
+                    opt.state[p][key] = torch.cat([v, v.new_zeros((p.shape[0] - v.shape[0], *v.shape[1:]))])
+
+
 class Checkpointer:
     """Writes and restores everything but the weights' initial load: ``trainer.pt`` holds
     the optimiser (one process), the data position, the random generators and the
@@ -91,6 +101,7 @@ class Checkpointer:
                 self.dist.load_optimizer_shards(self.model, self.opt, shards)
             else:
                 raise KeyError("optimizer")
+            pad_optimizer_state(self.opt)
             self.loader.load_state_dict(st["loader"])
             torch.set_rng_state(st["torch_rng"])
             if self.device.type == "cuda" and st.get("cuda_rng") is not None:
