@@ -18,7 +18,8 @@ import os
 import shutil
 from pathlib import Path
 
-from dlm.checkpoint import save_tensors
+from safetensors.torch import save_file
+
 from dlm.config import save_yaml
 from dlm.errors import DlmError
 from dlm.fsio import make_temp_dir, writing
@@ -107,7 +108,7 @@ def export_run(run_path: Path, out: Path, use_ema: bool = True) -> dict:
                 (tmp / name).write_text(text, encoding="utf-8")
             run.tokenizer.save(tmp / EXPORT_TOKENIZER)
             shutil.copyfile(MODELING, tmp / "modeling_dlm.py")
-            save_tensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
+            save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
             if out.exists():
                 out.rmdir()  # empty (checked above)
             os.replace(tmp, out)
