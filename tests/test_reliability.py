@@ -626,3 +626,75 @@ def test_a_resume_while_another_process_writes_the_run_stops_with_one_line(train
                        f"in use by another dlm process (pid {holder.pid})")
     assert (run_dir / "checkpoints" / "latest").read_text() == before
     assert run(["train", "--out", str(run_dir), "--resume", "--steps", "4", "--quiet"], capsys)[0] == 0  # free again
+
+
+# ---- 12. checkpoints are byte-reproducible (issue 19, item 7) ----------------------------------
+
+_SAVE_SCRIPT = r"""
+import sys
+from pathlib import Path
+import torch
+from dlm.checkpoint import save_checkpoint, save_tensors
+from dlm.distributed import save_shards
+
+out = Path(sys.argv[1])
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+model(torch.randn(2, 4)).sum().backward()
+opt.step()
+trainer = {"optimizer": opt.state_dict(), "loader": {"epoch": 1, "order": [3, 1, 2]},
+           "torch_rng": torch.get_rng_state(), "cuda_rng": None, "tokens": 96,
+           "elapsed_s": float(sys.argv[2]), "untimed_s": 0.0, "untimed_tokens": 0}
+ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+save_checkpoint(out, 3, model, ema, trainer)
+save_tensors({"w": torch.ones(2)}, out / "many.safetensors", {f"key{i}": str(i) for i in range(8)})
+save_shards({"optimizer": opt.state_dict()}, out / "dcp")  # what processes of a distributed run write
+"""
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_same_state_saved_by_two_processes_gives_the_same_bytes(tmp_path):
+    """Two processes with different hash seeds (Python's and, with them, safetensors' Rust hash
+    maps, seeded per process) save one state: every file is byte for byte the same; only the
+    wall-clock counters, in clock.json, may differ."""
+    for seed, elapsed in (("1", "1.5"), ("2", "2.25")):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-W", "ignore", "-c", _SAVE_SCRIPT, str(tmp_path / seed), elapsed], check=True,
+                       env=env)
+    a, b = _hashes(tmp_path / "1"), _hashes(tmp_path / "2")
+    assert a.keys() == b.keys() and {"checkpoints/step_00000003/clock.json", "dcp/.metadata"} <= set(a)
+    differ = sorted(k for k in a if a[k] != b[k])
+    assert differ == ["checkpoints/step_00000003/clock.json"], differ
+    header = (tmp_path / "1" / "many.safetensors").read_bytes()[8:200]
+    assert header.startswith(b'{"__metadata__":{"key0":"0","key1":"1","key2":"2"'), header
+    loaded = load_checkpoint(tmp_path / "2")
+    assert loaded.trainer["elapsed_s"] == 2.25 and loaded.trainer["tokens"] == 96  # clock.json read back
+
+
+def test_a_checkpoint_from_before_clock_json_keeps_its_counters(trained, tmp_path, capsys):
+    run_dir = shutil.copytree(trained, tmp_path / "run")
+    step = latest_checkpoint(run_dir)
+    old = {**torch.load(step / "trainer.pt", weights_only=True), **json.loads((step / "clock.json").read_text())}
+    old["elapsed_s"] = 12.5
+    torch.save(old, step / "trainer.pt")  # the layout checkpoints had before clock.json
+    (step / "clock.json").unlink()
+    assert load_checkpoint(run_dir).trainer["elapsed_s"] == 12.5
+    code, _, err = run(["train", "--out", str(run_dir), "--resume", "--steps", "3", "--quiet"], capsys)
+    assert code == 0, err
+    assert json.loads((latest_checkpoint(run_dir) / "clock.json").read_text())["elapsed_s"] > 12.5  # carried on
+
+
+@pytest.mark.parametrize("content", ["[1]", "{", '{"elapsed_s": "soon"}'])
+def test_a_damaged_clock_file_is_one_line(trained, tmp_path, capsys, content):
+    run_dir = shutil.copytree(trained, tmp_path / "run")
+    clock = latest_checkpoint(run_dir) / "clock.json"
+    clock.write_text(content)
+    one_line_error(*run(["train", "--out", str(run_dir), "--resume", "--steps", "3", "--quiet"], capsys)[::2],
+                   str(clock), "corrupt")

@@ -6,7 +6,7 @@ A run folder::
     RUN/config.yaml           the resolved RunConfig
     RUN/tokenizer.json        the tokenizer, self-contained
     RUN/metrics.jsonl         one JSON object per logged step
-    RUN/checkpoints/step_00000500/{model,ema}.safetensors, trainer.pt, meta.json
+    RUN/checkpoints/step_00000500/{model,ema}.safetensors, trainer.pt, clock.json, meta.json
     RUN/checkpoints/latest    name of the newest complete checkpoint
     RUN/checkpoints/step_…/dcp/  (runs on several processes) the optimiser state, sharded,
                               written with torch.distributed.checkpoint; trainer.pt then
@@ -15,6 +15,11 @@ A run folder::
 A checkpoint is written into a temporary folder, flushed, renamed into place, and only then
 named in ``latest`` (itself replaced atomically). A crash at any moment leaves the previous
 checkpoint intact and ``latest`` pointing at a complete one.
+
+The same state gives the same bytes: a run killed and resumed writes the files of a run never
+stopped (the optimiser and the generators included). ``clock.json`` alone holds what the wall
+clock measured (seconds trained, the steps left out of tokens/s), which no two runs share;
+checkpoints written before it keep those counters in ``trainer.pt``, and load as before.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ RUN_FORMAT = "dlm-run/2"
 READABLE_FORMATS = ("dlm-run/1", RUN_FORMAT)
 MARKER = "dlm-run.json"
 CHECKPOINT_NAME = re.compile(r"step_\d{8,}")  # what save_checkpoint names and `latest` may name
+CLOCK = "clock.json"
+CLOCK_KEYS = ("elapsed_s", "untimed_s", "untimed_tokens")  # the trainer state the wall clock decides
 
 
 def is_run_dir(path: Path) -> bool:
@@ -124,7 +131,10 @@ def read_run_config(path: Path) -> RunConfig:
     if not isinstance(marker, dict) or marker.get("format") not in READABLE_FORMATS:
         found = marker.get("format") if isinstance(marker, dict) else None
         raise DlmError(f"{path} was written in format {found!r}; this dlm reads {', '.join(READABLE_FORMATS)}")
-    return from_dict(load_yaml(path / "config.yaml"))
+    config = load_yaml(path / "config.yaml")
+    if isinstance(config.get("data"), dict):  # runs from before data.sft_length filled every row to seq_len
+        config["data"].setdefault("sft_length", "model")
+    return from_dict(config)
 
 
 @dataclass
@@ -162,6 +172,37 @@ def save_checkpoint(
     return final
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file`` with its header's ``__metadata__`` in sorted key order:
+    safetensors writes that map in the order of a Rust hash map, which changes from process
+    to process, so the same tensors gave files of different bytes about half the time. The
+    header is rewritten in place (the same entries, so the same length and tensor offsets)."""
+    save_file(tensors, path, metadata=metadata)
+    if not metadata or len(metadata) < 2:
+        return
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # cannot happen for the same entries; a bug if it does
+            raise RuntimeError(f"safetensors header of {path} grew from {size} to {len(text)} bytes when sorted")
+        f.seek(8)
+        f.write(text.ljust(size, b" "))  # safetensors pads its header with spaces
+
+
+def _write_state(folder: Path, step: int, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
+                 trainer: dict[str, Any]) -> None:
+    """The files of one checkpoint, into ``folder``; the clock's counters apart in ``clock.json``."""
+    save_tensors(model, folder / "model.safetensors", metadata={"format": RUN_FORMAT, "step": str(step)})
+    if ema is not None:
+        save_tensors({k: v.contiguous().cpu() for k, v in ema.items()}, folder / "ema.safetensors")
+    torch.save({k: v for k, v in trainer.items() if k not in CLOCK_KEYS}, folder / "trainer.pt")
+    clock = {k: trainer[k] for k in CLOCK_KEYS if k in trainer}
+    (folder / CLOCK).write_text(json.dumps(clock))
+    (folder / "meta.json").write_text(json.dumps({"format": RUN_FORMAT, "step": step}))
+
+
 def _write_checkpoint(final: Path, step: int, model: torch.nn.Module, ema: dict[str, torch.Tensor] | None,
                       trainer: dict[str, Any]) -> None:
     """Fill a temporary folder, flush it, and rename it to ``final`` in one step."""
@@ -171,11 +212,7 @@ def _write_checkpoint(final: Path, step: int, model: torch.nn.Module, ema: dict[
         # torch.save and safetensors report a full disk as RuntimeError / SafetensorError;
         # diagnosed here, while the partial files still fill the disk
         with writing(final, also=(RuntimeError, SafetensorError)):
-            save_file(state, tmp / "model.safetensors", metadata={"format": RUN_FORMAT, "step": str(step)})
-            if ema is not None:
-                save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
-            torch.save(trainer, tmp / "trainer.pt")
-            (tmp / "meta.json").write_text(json.dumps({"format": RUN_FORMAT, "step": step}))
+            _write_state(tmp, step, state, ema, trainer)
             for f in tmp.iterdir():
                 honour_umask(f)
                 with open(f, "rb") as fh:
@@ -216,12 +253,7 @@ def commit_checkpoint(run_dir: Path, step: int, tmp: Path | None, model: dict[st
     if tmp is not None:
         try:
             with writing(final, also=(RuntimeError, SafetensorError)):
-                save_file({k: v.contiguous() for k, v in model.items()}, tmp / "model.safetensors",
-                          metadata={"format": RUN_FORMAT, "step": str(step)})
-                if ema is not None:
-                    save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
-                torch.save(trainer, tmp / "trainer.pt")
-                (tmp / "meta.json").write_text(json.dumps({"format": RUN_FORMAT, "step": step}))
+                _write_state(tmp, step, {k: v.contiguous() for k, v in model.items()}, ema, trainer)
                 for f in sorted(tmp.rglob("*")):
                     if f.is_file():
                         honour_umask(f)
@@ -324,7 +356,22 @@ def load_checkpoint(run_dir: Path, with_trainer: bool = True) -> Checkpoint:
         if not isinstance(trainer, dict):
             found = type(trainer).__name__
             raise DlmError(f"checkpoint file {path / 'trainer.pt'} is corrupt: it holds a {found}, not a dict")
+        trainer.update(_read_clock(path))
     return Checkpoint(step, model, ema, trainer)
+
+
+def _read_clock(path: Path) -> dict[str, Any]:
+    """The clock's counters of checkpoint ``path`` (``{}`` for one from before ``clock.json``,
+    whose ``trainer.pt`` holds them)."""
+    if not (path / CLOCK).exists():
+        return {}
+    try:
+        clock = json.loads((path / CLOCK).read_text())
+    except (OSError, ValueError):
+        raise DlmError(f"checkpoint file {path / CLOCK} is corrupt") from None
+    if not isinstance(clock, dict) or not all(isinstance(clock.get(k, 0), (int, float)) for k in CLOCK_KEYS):
+        raise DlmError(f"checkpoint file {path / CLOCK} is corrupt: expected an object of numbers {', '.join(CLOCK_KEYS)}")
+    return {k: clock[k] for k in CLOCK_KEYS if k in clock}
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:

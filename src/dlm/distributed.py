@@ -102,7 +102,8 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.local_rank] if next(model.parameters()).is_cuda else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # gradients as views of the all-reduce buckets: no copy in and out of them each step
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
     def no_sync(self, net: torch.nn.Module):
         """Accumulate gradients locally: no all-reduce in the backward passes inside."""
@@ -143,9 +144,7 @@ class Dist:
 
     def save_sharded(self, state: dict[str, Any], folder: Path) -> None:
         """Every rank writes its shards of ``state`` (replicated tensors once) into ``folder``."""
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(state, checkpoint_id=str(folder))
+        save_shards(state, folder)
 
     def load_optimizer_shards(self, model: torch.nn.Module, opt: torch.optim.Optimizer, folder: Path) -> None:
         """Restore the optimiser state :meth:`save_sharded` wrote, on any number of ranks.
@@ -222,6 +221,20 @@ class FullyShardedDist(Dist):
 
 
 PARALLEL: dict[str, type[Dist]] = {"ddp": Dist, "fsdp": FullyShardedDist}
+
+
+def save_shards(state: dict[str, Any], folder: Path) -> None:
+    """``torch.distributed.checkpoint.save`` of ``state`` into ``folder``, with no per-save
+    identity in its ``.metadata``: DCP records a random ``save_id`` and the folder's path (a
+    temporary name, here), so the same state would give files of different bytes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Writer(dcp.FileSystemWriter):
+        def storage_meta(self) -> StorageMeta:
+            return StorageMeta()
+
+    dcp.save(state, storage_writer=Writer(str(folder)))
 
 
 def init_distributed(device: torch.device, parallel: str = "ddp") -> Dist:

@@ -12,6 +12,8 @@ class TrainState:
     """The loop's counters. ``state_dict()`` is their part of ``trainer.pt`` (the rest is the
     optimiser, the data position and the random generators: :class:`~dlm.trainer.checkpointer.Checkpointer`);
     the step is the checkpoint's own (its folder name and ``meta.json``), so it is not among them.
+    The ones the wall clock decides (``elapsed_s``, ``untimed_*``) are written to ``clock.json``
+    beside it (``dlm.checkpoint.CLOCK_KEYS``), so a resumed run's ``trainer.pt`` is an unkilled one's.
 
     The steps that compiled (the first of each compiled session) are counted apart in
     ``untimed_s`` / ``untimed_tokens``: their time and tokens stay out of tokens/s, summed
