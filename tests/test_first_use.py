@@ -155,3 +155,107 @@ def test_a_time_budget_that_ends_training_says_so(ar_run, tmp_path, capsys):
     code, stdout, err = run(["train", "--family", "ar", "--data", corpus, "--out", str(tmp_path / "all"),
                              "--steps", "2", "--time-budget", "3600", "--json", *TINY], capsys)
     assert code == 0 and "time_budget_ended" not in json.loads(stdout) and "dlm: note" not in err
+
+
+# ---- SFT: the end-of-text filling (data.sft_length) and what evaluation figures cover --------
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    """A tiny MDLM base and two fine-tunings of it on short answers, one per data.sft_length."""
+    d = tmp_path_factory.mktemp("sft-filling")
+    corpus = d / "text.txt"
+    corpus.write_text("".join(f"To be, or not to be, that is the question {i}.\n" for i in range(300)))
+    pairs = d / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"To be {i}, ", "response": "not" if i % 2 else "not to be."})
+                             + "\n" for i in range(40)))
+    base = d / "base"
+    assert main(["train", "--family", "mdlm", "--data", str(corpus), "--out", str(base), "--steps", "3", *TINY]) == 0
+    runs = {"base": base, "pairs": pairs}
+    for mode in ("batch", "model"):
+        runs[mode] = d / mode
+        argv = ["train", "--init-from", str(base), "--data", str(pairs), "--out", str(runs[mode]), "--steps", "4",
+                "--batch-size", "4", "--quiet", "data.val_fraction=0.2"]
+        assert main(argv + ([] if mode == "batch" else ["data.sft_length=model"])) == 0
+    return runs
+
+
+def test_a_batch_is_cut_to_its_longest_row(sft):
+    from dlm.data import BlockLoader, prepare_data
+    from dlm.runs import load_run
+
+    run = load_run(sft["batch"], "cpu")
+    assert run.cfg.data.sft_length == "batch"  # the default, though the base predates nothing
+    data = prepare_data(run.cfg.data, run.tokenizer)
+    rows, clean = data.rows("train", run.cfg.data.seq_len)
+    lengths = data.lengths("train")
+    assert rows.shape[1] == 32 and set(lengths.tolist()) <= set(range(2, 33))
+    loader = BlockLoader(rows, 4, seed=0, clean=clean, lengths=lengths)
+    widths = []
+    for _ in range(10):
+        order = loader._epoch_order()[loader.position: loader.position + 4].tolist()
+        batch = loader.next_batch()
+        widths.append(batch.x0.shape[1])
+        assert batch.x0.shape[1] == max(lengths[order])  # the longest row: prompt, response, one end-of-text
+        assert (batch.x0.numpy() == rows[order][:, :batch.x0.shape[1]]).all()
+        assert (batch.clean.numpy() == clean[order][:, :batch.x0.shape[1]]).all()
+    assert min(widths) < 32 and len(set(widths)) > 1  # short rows are not filled to seq_len
+    # a run trained with data.sft_length=model: every batch is the whole rows
+    loader = BlockLoader(rows, 4, seed=0, clean=clean)
+    assert loader.next_batch().x0.shape == (4, 32)
+
+
+def test_old_run_folders_read_as_filled_to_the_model_length(sft, tmp_path, capsys):
+    """A run folder from before data.sft_length has no such key: it trained with every row
+    filled to seq_len, so it reads (and resumes, and evaluates) as "model"."""
+    import shutil
+
+    import yaml
+
+    from dlm.checkpoint import read_run_config
+
+    old = tmp_path / "old"
+    shutil.copytree(sft["model"], old)
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    assert config["data"].pop("sft_length") == "model"
+    (old / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert read_run_config(old).data.sft_length == "model"
+    code, _, err = run(["train", "--out", str(old), "--resume", "--steps", "5", "--quiet"], capsys)
+    assert code == 0, err
+    # a fine-tuning that starts from an old folder is a new run: the default, or what it asks
+    assert main(["train", "--init-from", str(old), "--data", str(sft["pairs"]), "--out", str(tmp_path / "new"),
+                 "--steps", "1", "--batch-size", "4", "--quiet"]) == 0
+    assert read_run_config(tmp_path / "new").data.sft_length == "batch"
+
+
+def test_sft_evaluation_says_what_its_figures_cover(sft, capsys):
+    from dlm.data import prepare_data
+    from dlm.runs import load_run
+
+    code, out, err = run(["eval", str(sft["batch"]), "--json", "--mc-samples", "1"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["scored"] == "responses" and r["conditional"] is True
+    loaded = load_run(sft["batch"], "cpu")
+    data = prepare_data(loaded.cfg.data, loaded.tokenizer)
+    rows, clean = data.rows("val", 32)
+    assert r["tokens"] == int((data.lengths("val") - clean.sum(1)).sum())  # each response and its end-of-text
+    response_bytes = sum(len(("not" if i % 2 else "not to be.").encode()) for i in range(40) if i % 5 == 4)
+    assert r["bytes"] == response_bytes
+    assert r["bits_per_byte"] == pytest.approx(r["nll"] * r["tokens"] / r["bytes"] / 0.6931471805599453)
+    # a run that scores the filling: per token figures only, and the text output says why
+    code, out, err = run(["eval", str(sft["model"]), "--json", "--mc-samples", "1"], capsys)
+    r = json.loads(out)
+    assert code == 0 and r["scored"] == "responses and their end-of-text filling" and r["bits_per_byte"] is None
+    assert r["tokens"] == int((32 - clean.sum(1)).sum()) and r["nll"] > 0
+    code, out, err = run(["eval", str(sft["model"]), "--mc-samples", "1"], capsys)
+    assert code == 0 and "bits/byte      — (the scored end-of-text filling stands for no bytes" in out
+    assert "scored: responses and their end-of-text filling" in out
+
+
+@pytest.mark.parametrize("value,fragment", [("rows", "one of batch, model"), ("[1]", "must be a string")])
+def test_sft_length_bad_values(sft, value, fragment, tmp_path, capsys):
+    out = tmp_path / "bad"
+    one_line_error(*run(["train", "--init-from", str(sft["base"]), "--data", str(sft["pairs"]), "--out", str(out),
+                         "--steps", "1", f"data.sft_length={value}"], capsys)[::2], "data.sft_length", fragment)
+    assert not out.exists()

@@ -118,9 +118,12 @@ def _format_eval(r: dict) -> str:
         f"  nll            {r['nll']:.4f} ± {r['stderr']:.4f} nats/token",
         f"  perplexity     {r['ppl']:.2f}",
         f"  bits/token     {r['bits_per_token']:.4f}",
-        f"  bits/byte      {r['bits_per_byte']:.4f} ± {r['stderr_bits_per_byte']:.4f}",
+        f"  bits/byte      {r['bits_per_byte']:.4f} ± {r['stderr_bits_per_byte']:.4f}" if r["bits_per_byte"] is not None
+        else "  bits/byte      — (the scored end-of-text filling stands for no bytes; per token figures only)",
     ]
-    if "unigram_bits_per_byte" in r:
+    if "scored" in r:  # prompt/response rows: what the figures cover
+        lines[0] += f"; scored: {r['scored']}"
+    if r.get("unigram_bits_per_byte") is not None:
         lines.append(f"  references     token unigram {r['unigram_bits_per_byte']:.4f}, "
                      f"byte unigram {r['byte_unigram_bits_per_byte']:.4f} bits/byte")
     if "gen_ppl" in r:

@@ -43,6 +43,11 @@ class DataConfig:
     val_fraction: float = setting(0.05, lo=0, hi=0.5, lo_open=True)
     # > 0: train on only the first N tokens of the training split (data-constrained runs, epochs over them)
     max_train_tokens: int = setting(0, lo=0)
+    # prompt/response rows: how far the scored end-of-text filling after each response goes.
+    # "batch" (LLaDA): each batch is cut to its longest row (prompt, response, one end-of-text),
+    # the shorter rows filled to that length; "model": every row filled to seq_len (before this
+    # setting existed: run folders without it read as "model", what they were trained with)
+    sft_length: str = setting("batch", choices=("batch", "model"))
 
 
 @dataclass

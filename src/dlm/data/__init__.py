@@ -34,6 +34,9 @@ class TokenData:
     train_clean: np.ndarray | None = None  # pairs: (N, L) bool, the prompt of each row
     val_clean: np.ndarray | None = None
     identity: str | None = None  # changes whenever the data's content does (stored in the run, checked on resume)
+    # pairs: (N,) each row's prompt + response + one end-of-text, the rest being end-of-text filling
+    train_lengths: np.ndarray | None = None
+    val_lengths: np.ndarray | None = None
 
     @property
     def is_pairs(self) -> bool:
@@ -50,6 +53,10 @@ class TokenData:
         if len(data) < seq_len:
             raise DlmError(f"the {what} split has {len(data)} tokens, fewer than one sequence of {seq_len}")
         return as_blocks(data, seq_len), None
+
+    def lengths(self, split: str) -> np.ndarray | None:
+        """Pairs: (N,) each row's length without its end-of-text filling; None for text blocks."""
+        return self.train_lengths if split == "train" else self.val_lengths
 
 
 def is_pairs_data(spec: str) -> bool:
@@ -84,7 +91,7 @@ def _prepare_pairs(cfg: DataConfig, tokenizer: Tokenizer | None) -> TokenData:
         total = len(enc["train"].rows) + len(enc["val"].rows)
         print(f"dlm: note: {cut} of {total} responses were cut at the sequence length {cfg.seq_len}", file=sys.stderr)
     return TokenData(tokenizer, enc["train"].rows, enc["val"].rows, enc["train"].clean, enc["val"].clean,
-                     data_identity(fingerprint))
+                     data_identity(fingerprint), enc["train"].lengths, enc["val"].lengths)
 
 
 def prepare_data(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> TokenData:

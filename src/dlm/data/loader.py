@@ -27,14 +27,18 @@ def as_blocks(stream: np.ndarray, seq_len: int) -> np.ndarray:
 class BlockLoader:
     """Yields :class:`Batch` es of ``batch_size`` rows of ``rows`` (N, L) in a seeded
     per-epoch order, with their ``clean`` masks (N, L) when given (prompt/response data).
+    With ``lengths`` (N,) given, each batch is cut to the longest of its rows' lengths (LLaDA's
+    SFT batches: the end-of-text filling of the shorter rows goes only that far).
 
     Its whole state is ``(epoch, position)``: saved in checkpoints, it makes a resumed run
     see exactly the batches the uninterrupted run would have seen.
     """
 
-    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, clean: np.ndarray | None = None):
+    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, clean: np.ndarray | None = None,
+                 lengths: np.ndarray | None = None):
         self.blocks = rows
         self.clean = clean
+        self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
@@ -58,6 +62,9 @@ class BlockLoader:
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None
         x0 = torch.from_numpy(self.blocks[rows].astype(np.int64))  # (B, L)
         clean = None if self.clean is None else torch.from_numpy(np.asarray(self.clean[rows], dtype=bool))
+        if self.lengths is not None:  # (B, L') with L' the batch's longest row
+            width = int(self.lengths[rows].max())
+            x0, clean = x0[:, :width], None if clean is None else clean[:, :width]
         return Batch(x0, clean)
 
     def state_dict(self) -> dict[str, Any]:

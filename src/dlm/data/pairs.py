@@ -156,11 +156,12 @@ class PairRows:
     rows: np.ndarray  # (N, L) int64 token ids
     clean: np.ndarray  # (N, L) bool: the prompt
     truncated: int  # rows whose response was cut at the row's end
+    lengths: np.ndarray | None = None  # (N,) prompt + response + one end-of-text (at most L): the row without its filling
 
 
 def encode_pairs(pairs: Iterable[Pair], tokenizer, seq_len: int) -> PairRows:
     """Rows of ``seq_len`` tokens: prompt (clean), response, end-of-text filling (target)."""
-    rows, cleans, truncated = [], [], 0
+    rows, cleans, lengths, truncated = [], [], [], 0
     for pair in pairs:
         p = np.asarray(tokenizer.encode(pair.prompt), dtype=np.int64)
         r = np.asarray(tokenizer.encode(pair.response), dtype=np.int64)
@@ -178,9 +179,10 @@ def encode_pairs(pairs: Iterable[Pair], tokenizer, seq_len: int) -> PairRows:
         clean[: len(p)] = True
         rows.append(row)
         cleans.append(clean)
+        lengths.append(min(len(p) + len(r) + 1, seq_len))
     if not rows:
-        return PairRows(np.zeros((0, seq_len), np.int64), np.zeros((0, seq_len), bool), 0)
-    return PairRows(np.stack(rows), np.stack(cleans), truncated)
+        return PairRows(np.zeros((0, seq_len), np.int64), np.zeros((0, seq_len), bool), 0, np.zeros(0, np.int64))
+    return PairRows(np.stack(rows), np.stack(cleans), truncated, np.asarray(lengths, dtype=np.int64))
 
 
 def pair_texts(pairs: Iterable[Pair]) -> Iterator[str]:

@@ -54,13 +54,38 @@ def evaluate_data(run, data, split: str = "val", train_stream: np.ndarray | None
     cfg = run.cfg
     rows, clean = data.rows(split, cfg.data.seq_len)
     keep = select_rows(rows, cfg.eval.max_tokens if max_tokens is None else max_tokens)
-    return evaluate_likelihood(
+    pad = filling_pad(data.lengths(split), rows.shape[1], cfg.data.sft_length)
+    result = evaluate_likelihood(
         run.family, run.model, rows[keep], run.tokenizer, generator(run.device, seed),
         mc_samples=cfg.eval.mc_samples if mc_samples is None else mc_samples,
         batch_size=cfg.eval.batch_size if batch_size is None else batch_size,
         train_stream=train_stream,
         clean=None if clean is None else clean[keep],
+        pad=None if pad is None else pad[keep],
     )
+    if data.is_pairs:
+        result.update(what_is_scored(result, pad is None))
+    return result
+
+
+def filling_pad(lengths: np.ndarray | None, width: int, sft_length: str) -> np.ndarray | None:
+    """Prompt/response rows of a run trained with ``data.sft_length=batch``: (N, L) True on each
+    row's end-of-text filling after its response's first end-of-text (padding: neither scored
+    nor attended), so the figures cover the response and where it ends. None for text blocks
+    and for ``model`` runs, which trained on (and are scored over) the whole filled row."""
+    if lengths is None or sft_length != "batch":
+        return None
+    return np.arange(width)[None, :] >= lengths[:, None]
+
+
+def what_is_scored(result: dict, filling: bool) -> dict:
+    """What the figures of a prompt/response evaluation cover. With the end-of-text filling
+    scored (``model`` runs) per byte figures would divide the filling's nats by the response's
+    bytes (the filling stands for none): they are left out (None), per token figures stay."""
+    if not filling:
+        return {"scored": "responses"}
+    return {"scored": "responses and their end-of-text filling", "bits_per_byte": None,
+            "stderr_bits_per_byte": None, "unigram_bits_per_byte": None, "byte_unigram_bits_per_byte": None}
 
 
 def evaluate_run(run, data: str | None = None, split: str = "val", mc_samples: int | None = None,

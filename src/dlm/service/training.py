@@ -87,6 +87,7 @@ def init_from_config(source: Path, config: str | None = None, overrides: list[st
                        f"'{tokenizer}': fine-tuning keeps the run's tokenizer (drop --tokenizer)")
     cfg = from_dict(src.to_dict())
     asked = asked_settings(config, overrides, flags)
+    cfg.data.sft_length = type(cfg.data)().sft_length  # the new run's own choice (the source's may predate it)
     if asked.get("objective", cfg.objective.name) != cfg.objective.name:
         cfg.objective = type(cfg.objective)()  # another objective: the source's settings were its own
     for key, value in asked.items():

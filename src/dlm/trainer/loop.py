@@ -63,7 +63,8 @@ class Trainer:
         self.opt = build_optimizer(self.model, cfg, device)
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         # one global batch of batch_size × world blocks per micro-step; rank r takes rows r::world
-        self.loader = BlockLoader(train_rows, t.batch_size * dist.world, t.seed, clean=train_clean)
+        lengths = self.data.lengths("train") if cfg.data.sft_length == "batch" else None
+        self.loader = BlockLoader(train_rows, t.batch_size * dist.world, t.seed, clean=train_clean, lengths=lengths)
         self.state = TrainState()
         self.checkpointer = Checkpointer(out, dist, self.model, self.opt, self.ema, self.loader, device,
                                          t.keep_checkpoints)
