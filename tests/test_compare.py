@@ -216,7 +216,7 @@ def test_a_refused_compare_leaves_nothing_behind(tmp_path, judge_dir, capsys):
     argv = ["bench", "compare", "--config", str(cfg), "--out", str(out), "--quiet"]
     for bad, fragment in ((["compare.judge=/nonexistent"], "judge '/nonexistent'"),
                           (["compare.judge=source"], "compare.judge=source"),
-                          (["compare.samplers=[nope]"], "no model of this comparison has a sampler 'nope'")):
+                          (["compare.samplers=[nope]"], "no family has a sampler 'nope'")):
         code, _, err = run_cli([*argv, *bad], capsys)
         one_line_error(code, err, fragment)
         assert not out.exists(), bad
@@ -227,6 +227,14 @@ def test_a_refused_compare_leaves_nothing_behind(tmp_path, judge_dir, capsys):
     code, _, err = run_cli([*argv, "--models", "ar", "compare.judge=/nonexistent"], capsys)
     one_line_error(code, err, "judge '/nonexistent'")
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_a_budget_above_a_discrete_processs_T_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code, _, err = run_cli(["bench", "compare", "--config", "compare-source", "--out", str(out), "--models", "d3pm",
+                            "compare.sample_steps=[8,200]"], capsys)
+    one_line_error(code, err, "model 'd3pm': its process has T = 128 steps", "200")
+    assert not out.exists()
 
 
 LOCK_HOLDER = """
@@ -299,6 +307,9 @@ def test_compare_on_a_source_of_known_entropy(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert f"| *source markov2: entropy rate* | — | truth | {base['source_entropy_rate_bits']:.3f} |" in report
     assert "| gidd-pu0.1 | self-correct | 4 |" in report and "bits/token under the source" in report
+    refs = base["source_reference_samples"]
+    assert refs["0"]["source_bits_per_token"] > refs["1"]["source_bits_per_token"] > refs["2"]["source_bits_per_token"]
+    assert f"its first-order chain {refs['1']['source_bits_per_token']:.3f} bits" in report
 
 
 def test_max_train_tokens_keeps_the_first_tokens_and_refuses_too_many():

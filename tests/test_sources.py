@@ -51,6 +51,14 @@ def test_entropy_rate_and_block_figure_match_the_sources_own_text():
     assert src.likely(ids).mean() == pytest.approx(src.likely_share, abs=0.01)
 
 
+def test_reference_samples_score_what_their_order_learned():
+    src = small(length=20_000)
+    judge = SourceJudge(src)
+    bits = [judge.figures(src.reference_samples(k, 200, 16, seed=1))["source_bits_per_token"] for k in range(3)]
+    assert bits[0] > bits[1] > bits[2]
+    assert bits[2] == pytest.approx(src.block_entropy(16) / math.log(2), abs=0.08)  # the source's own samples
+
+
 def test_pool_restricts_a_contexts_successors_to_its_last_symbols_pool():
     src = small(pool=2, successors=1)
     K = src.K

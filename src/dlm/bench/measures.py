@@ -89,8 +89,11 @@ def floors(cfg, data, infill_lengths: list[int] = (), infill_rows: int = 0) -> d
         docs = [tok.decode(row[row != tok.eos_id].tolist()) for row in blocks]  # end-of-text: not a symbol
         r.update({"source": source.name, "source_bits_per_token": SourceJudge(source).figures(docs)["source_bits_per_token"],
                   "source_entropy_rate_bits": source.entropy_rate / math.log(2),
-                  "source_block_bits": source.block_entropy(cfg.data.seq_len) / math.log(2),
-                  "source_likely_share": source.likely_share})
+                  "source_block_bits": source.block_entropy(L) / math.log(2),
+                  "source_likely_share": source.likely_share,
+                  # samples of what a model that learned only the unigram / the first-order chain … would draw
+                  "source_reference_samples": {str(k): SourceJudge(source).figures(source.reference_samples(k, 256, L))
+                                               for k in range(source.order + 1)}})
     return r
 
 

@@ -127,7 +127,7 @@ def _bits(plt, results, colours, out: Path) -> str:
     for key, label, ls in (("unigram_bits_per_token", "token unigram", ":"), ("source_block_bits", "source (truth)", "--")):
         if key in b:
             ax.axhline(b[key], color="grey", ls=ls, lw=1)
-            ax.annotate(label, (len(names) - 0.5, b[key]), fontsize=7, ha="right", va="bottom", color="grey")
+            ax.text(0.01, b[key], label, transform=ax.get_yaxis_transform(), fontsize=7, va="bottom", color="grey")
             shown.append(b[key])
     if shown:
         lo, hi = min(shown), max(shown)

@@ -298,6 +298,13 @@ def _samples(results: dict) -> list[str]:
                       f"score {b['source_block_bits']:.3f} bits per token in expectation (entropy rate "
                       f"{b['source_entropy_rate_bits']:.3f}) and {b['source_likely_share']:.3f} likely: above means "
                       "errors, below means samples narrower than the source (too few of its sequences).")
+        refs = b.get("source_reference_samples") or {}
+        if refs:
+            words = {"0": "its unigram", "1": "its first-order chain"}
+            lines[-1] += (" For reference, 256 samples of the same length from what a model that learned only part "
+                          "of the source would draw: " + "; ".join(
+                              f"{words.get(k, f'its order-{k} chain')} {f['source_bits_per_token']:.3f} bits, "
+                              f"{f['source_likely_share']:.3f} likely" for k, f in refs.items()) + ".")
         header += ["bits/token under the source", "likely transitions"]
     rows = []
     for name, r in models.items():

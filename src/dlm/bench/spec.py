@@ -212,6 +212,7 @@ def load_spec(config: str | None, overrides: list[str], models: str | None = Non
     plans = [ModelPlan(name, dict(model_table[name]), _model_config(name, base, run_overrides, model_table[name]))
              for name in chosen]
     _check_samplers(settings.samplers, plans)
+    _check_budgets(settings, plans)
     spec = Spec(settings, parse_seeds(seeds if seeds is not None else seeds_value), plans, base, source, overrides)
     if settings.unique_tokens:
         _data_constrained(spec)
@@ -219,16 +220,29 @@ def load_spec(config: str | None, overrides: list[str], models: str | None = Non
 
 
 def _check_samplers(names: Any, plans: list[ModelPlan]) -> None:
-    """``compare.samplers``: distinct names, each a sampler of at least one model's family."""
+    """``compare.samplers``: distinct names, each a sampler of some family (a model whose family
+    lacks it is measured with its own only, so ``--models`` may pick a subset)."""
     from dlm.families import FAMILIES
 
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
         raise DlmError(f"compare.samplers must be a list of distinct sampler names, got {names!r}")
-    offered = {n for p in plans for n in FAMILIES.get(p.cfg.family).samplers.names()}
+    offered = {n for family in FAMILIES.names() for n in FAMILIES.get(family).samplers.names()}
     for name in names:
         if name not in offered:
-            raise DlmError(f"compare.samplers: no model of this comparison has a sampler '{name}' "
-                           f"(its families have: {', '.join(sorted(offered))})")
+            raise DlmError(f"compare.samplers: no family has a sampler '{name}' (samplers: {', '.join(sorted(offered))})")
+
+
+def _check_budgets(settings: CompareSettings, plans: list[ModelPlan]) -> None:
+    """No sampling budget above a discrete-time process's T (``process.steps``): its sampler
+    would refuse it after the training, not before."""
+    budgets = [*settings.sample_steps, *settings.speed_steps, settings.infill_steps, *settings.infill_lengths]
+    for p in plans:
+        section = getattr(p.cfg, "process", None)
+        T = section.settings.get("steps") if section is not None else None
+        if isinstance(T, int) and max(budgets) > T:
+            raise DlmError(f"model '{p.name}': its process has T = {T} steps (process.steps), fewer than this comparison's "
+                           f"largest sampling budget {max(budgets)} (compare.sample_steps / speed_steps / infill): "
+                           f"raise process.steps or lower the budgets")
 
 
 def _data_constrained(spec: Spec) -> None:

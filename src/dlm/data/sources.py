@@ -153,6 +153,29 @@ class MarkovSource:
             c = (c * self.K + s) % n
         return "".join(np.asarray(list(self.symbols))[out])
 
+    def reference_samples(self, order: int, num: int, L: int, seed: int = 0) -> list[str]:
+        """``num`` texts of ``L`` symbols from the source's own order-``order`` marginal chain
+        (0: its unigram, 1: its first-order chain, ``self.order``: the source): what a model
+        that learned exactly that much of the source would sample."""
+        rng = np.random.default_rng(seed)
+        K, k = self.K, min(order, self.order)
+        joint = self.stationary.reshape((K,) * self.order)
+        # P(x_{k+1} | x_1 … x_k) of the stationary chain, from the joint of k + 1 consecutive symbols
+        grams = joint.sum(axis=tuple(range(k + 1, self.order))) if k < self.order else joint[..., None] * \
+            self.table.reshape((K,) * (self.order + 1))
+        grams = grams.reshape(-1, K)
+        cond = grams / grams.sum(1, keepdims=True)
+        start = grams.sum(1)
+        out = []
+        for _ in range(num):
+            c = int(rng.choice(len(start), p=start))
+            ids = [c // K ** (k - 1 - j) % K for j in range(k)]
+            while len(ids) < L:
+                ids.append(int(rng.choice(K, p=cond[c])))
+                c = (c * K + ids[-1]) % max(len(start), 1) if k else 0
+            out.append("".join(self.symbols[i] for i in ids[:L]))
+        return out
+
     def encode(self, text: str) -> np.ndarray | None:
         """Symbol ids of ``text``, or None when it holds a character that is not a symbol."""
         index = {s: i for i, s in enumerate(self.symbols)}
