@@ -50,8 +50,14 @@ class Batch:
         )
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
+        """On ``device``; to CUDA with ``non_blocking`` through pinned memory, so the copy is
+        asynchronous (from pageable memory it would not be)."""
+        pin = non_blocking and torch.device(device).type == "cuda"
+
         def move(t):
-            return None if t is None else t.to(device, non_blocking=non_blocking)
+            if t is None:
+                return None
+            return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=non_blocking)
 
         return Batch(move(self.x0), move(self.clean), move(self.pad))
 

@@ -11,9 +11,7 @@ from dlm.errors import DlmError
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -22,7 +20,15 @@ def resolve_device(name: str) -> torch.device:
         raise DlmError(f"device '{name}' asked for, but this torch sees no CUDA GPU")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DlmError("device 'mps' asked for, but it is not available")
+    if device.type == "cuda":
+        allow_tf32()
     return device
+
+
+def allow_tf32() -> None:
+    """float32 matmuls and convolutions on CUDA in TF32 (what is left outside bf16 autocast)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def autocast(device: torch.device):

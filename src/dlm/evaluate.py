@@ -281,7 +281,8 @@ def _generate_answers(family: Family, model: torch.nn.Module, rows: np.ndarray, 
         given = torch.from_numpy(np.where(clean[idx], rows[idx], 0)).to(device)
         mask = torch.from_numpy(clean[idx]).to(device)
         t0 = time.perf_counter()
-        out, calls = family.sample(model, given, mask, generator, settings)  # as `dlm sample` does: no autocast
+        with autocast(device):  # as `dlm sample` does: bf16 on CUDA
+            out, calls = family.sample(model, given, mask, generator, settings)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0

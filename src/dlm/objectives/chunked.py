@@ -41,14 +41,18 @@ def chunked_score(objective: Objective, c: Corrupted, where: torch.Tensor, proce
     return Scored(torch.cat(nats), torch.cat(counts))
 
 
-def dense_score(objective: Objective, c: Corrupted, where: torch.Tensor, process, rows: int, head, h):
+def dense_score(objective: Objective, c: Corrupted, where: torch.Tensor, process, rows: int, head, h,
+                compiled: bool = False):
     """Scored of a weighted cross-entropy objective (``Objective.token_weights``) from hidden
     states h (B, L, C) at *every* position, the weights zero where nothing is scored: static
     shapes, no boolean gather and no host synchronisation, at the price of the output layer
     at the unscored positions too (none for AR on packed text; for MDLM the unmasked ones).
     ``rows`` > 0: that many sequences at a time under activation checkpointing, as
-    :func:`chunked_score` (a ``head_fn`` for ``Transformer.forward``)."""
+    :func:`chunked_score` (a ``head_fn`` for ``Transformer.forward``). ``compiled`` (``train.compile``):
+    the head and its loss as one ``torch.compile``d function (whole batches; chunks stay eager)."""
     weights, count = objective.token_weights(c, where, process)
+    if compiled and not rows:
+        return Scored(compiled_weighted_ce()(head, h, c.x0, weights), count)
     B = h.shape[0]
     step = rows or B
     nats = []
@@ -56,6 +60,16 @@ def dense_score(objective: Objective, c: Corrupted, where: torch.Tensor, process
         part = (h[r:r + step], c.x0[r:r + step], weights[r:r + step])
         nats.append(checkpoint(weighted_ce, head, *part, use_reentrant=False) if rows else weighted_ce(head, *part))
     return Scored(torch.cat(nats), count)
+
+
+_COMPILED = []
+
+
+def compiled_weighted_ce():
+    """:func:`weighted_ce` under ``torch.compile``, built once per process."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(weighted_ce, dynamic=False))
+    return _COMPILED[0]
 
 
 def weighted_ce(head, h: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import time
 import torch
 
 from dlm.data.tokenizers import check_text
-from dlm.device import generator
+from dlm.device import autocast, generator
 from dlm.errors import DlmError
 from dlm.infill import parse_template
 from dlm.samplers.base import recording
@@ -59,7 +59,7 @@ def generate(run, num: int, length: int, prompt_ids=None, settings=None, seed: i
     rows, nfe, seconds = [], 0, 0.0
     for start in range(0, num, batch):
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(run.device):  # bf16 on CUDA, as training and eval run
             tokens, nfe = run.family.generate(run.model, min(batch, num - start), length, prompt_ids, gen, settings)
         _synchronize(run)
         seconds += time.perf_counter() - t0
@@ -75,7 +75,7 @@ def sample_given(run, given: torch.Tensor, clean: torch.Tensor, settings=None,
     Returns (tokens (B, L) on the run's device, network calls, sampling seconds).
     """
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(run.device):
         tokens, nfe = run.family.sample(run.model, given, clean, generator(run.device, seed), settings)
     _synchronize(run)
     return tokens, nfe, time.perf_counter() - t0

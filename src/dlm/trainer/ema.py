@@ -16,8 +16,22 @@ class EMA:
         self.decay = decay
         self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
+    @property
+    def shadow(self) -> dict[str, torch.Tensor]:
+        return self._shadow
+
+    @shadow.setter
+    def shadow(self, value: dict[str, torch.Tensor]) -> None:
+        self._shadow, self._lists = value, None  # a restored shadow: the lists are rebuilt
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
+        """shadow ← d·shadow + (1 − d)·weights, as two foreach calls over lists built once
+        (the state dict's tensors are views that follow the weights)."""
         d = min(self.decay, (1 + step) / (10 + step))
-        for k, v in model.state_dict().items():
-            self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+        if self._lists is None:
+            live = model.state_dict()
+            self._lists = ([self._shadow[k] for k in live], [v.detach() for v in live.values()])
+        shadows, weights = self._lists
+        torch._foreach_mul_(shadows, d)
+        torch._foreach_add_(shadows, [w if w.dtype == torch.float32 else w.float() for w in weights], alpha=1 - d)
