@@ -174,7 +174,8 @@ def _check_eval_flags(args) -> None:
         raise DlmError(f"--samples must be ≥ 1, got {args.samples}")
     if args.answers is not None and args.answers < 1:
         raise DlmError(f"--answers must be ≥ 1, got {args.answers}")
-    for flag, value in (("--mc-samples", args.mc_samples), ("--batch-size", args.batch_size), ("--steps", args.steps)):
+    for flag, value in (("--mc-samples", args.mc_samples), ("--batch-size", args.batch_size), ("--steps", args.steps),
+                        ("--sample-batch", args.sample_batch)):
         if value is not None and value < 1:
             raise DlmError(f"{flag} must be ≥ 1, got {value}")
     if args.max_tokens is not None and args.max_tokens < 0:
