@@ -182,17 +182,12 @@ def _sweep(cases, argv_of, capsys, folder):
     assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n".join(failures)
 
 
-def test_every_run_config_setting_refuses_bad_values(corpus, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("cases", [config_cases, component_cases], ids=["run-config", "components"])
+def test_every_setting_refuses_bad_values(cases, corpus, tmp_path, capsys, monkeypatch):
+    """``dlm train … KEY=bad`` for every run-config setting, and for every setting of every
+    process, objective and sampler each family offers (and the components it does not)."""
     monkeypatch.chdir(tmp_path)
-    cases = list(config_cases())
-    assert len(cases) > 100
-    out = tmp_path / "out"
-    _sweep(cases, lambda tail: ["train", "--data", str(corpus), "--out", str(out), *TINY_KEYS, *tail], capsys, tmp_path)
-
-
-def test_every_component_setting_refuses_bad_values(corpus, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cases = list(component_cases())
+    cases = list(cases())
     assert len(cases) > 100
     out = tmp_path / "out"
     _sweep(cases, lambda tail: ["train", "--data", str(corpus), "--out", str(out), *TINY_KEYS, *tail], capsys, tmp_path)
