@@ -12,7 +12,9 @@ a line break (``System``, ``User``, ``Assistant``, or the role as given, capital
 assistant's, is the response. A ``prompt``/``response`` row is used as it is: the prompt's
 tokens, then the response's (put any separator you want at the end of the prompt).
 
-Each example becomes one row of exactly ``seq_len`` tokens (LLaDA, arXiv 2502.09992, §2.3):
+Each example becomes one row of exactly ``seq_len`` tokens (LLaDA, arXiv 2502.09992, §2.3),
+with its length without the filling beside it (``PairRows.lengths``: the loader cuts each
+batch to its longest row under ``data.sft_length=batch``):
 
     [prompt tokens][response tokens][end-of-text …]
 
