@@ -4,7 +4,9 @@ registered tomorrow is checked here without anyone writing a test for it.
 
 * a **process** corrupts the way ``processes/base.py`` says: identity at t = 0, its prior's
   marginal at t = 1, P(x_t = x0) = α_t + (1 − α_t)·prior(x0) in between, ``fixed`` positions
-  untouched and the noise elsewhere independent of them, repeatable under a seed;
+  untouched and the noise elsewhere independent of them, repeatable under a seed (a process
+  whose state is vectors, ``vector_state``, is held to its own ``moments`` and clean state
+  ``embed(x0)`` instead);
 * an **objective** gives per-sequence nats and counts that are finite, differentiable,
   repeatable, blind to padding, and additive over rows (the global-batch contract: the rows of
   one rank are the same rows of the whole batch), and a one-pass objective chunks exactly;
@@ -93,6 +95,10 @@ def prior_marginal(process, n=40000) -> torch.Tensor:
 def test_process_prior_is_in_its_input_vocabulary(name):
     process = make_process(name)
     x1 = process.prior((B, L), torch.Generator().manual_seed(0), "cpu")
+    if process.vector_state:  # vectors (B, L, C): finite and repeatable
+        assert x1.shape[:2] == (B, L) and x1.dim() == 3 and bool(torch.isfinite(x1).all())
+        assert torch.equal(x1, process.prior((B, L), torch.Generator().manual_seed(0), "cpu"))
+        return
     assert x1.shape == (B, L) and x1.dtype == torch.long
     assert int(x1.min()) >= 0 and int(x1.max()) < process.input_vocab_size
     assert torch.equal(x1, process.prior((B, L), torch.Generator().manual_seed(0), "cpu"))  # repeatable
@@ -119,6 +125,8 @@ def test_process_marginals_are_what_corrupt_draws(name, changes):
     """The histogram of ``corrupt`` at t is the process's own marginal q_t(· | x0) at every t
     (t = 0 the identity, t = 1 the prior), and ``prior`` draws ``prior_probs``."""
     process = make_process_with(name, changes)
+    if process.vector_state:
+        return vector_moments_are_what_corrupt_draws(process)
     n = 40000
     x0 = torch.full((n // 8, 8), 4)
     one_hot = torch.nn.functional.one_hot(torch.tensor(4), V).double()
@@ -133,16 +141,41 @@ def test_process_marginals_are_what_corrupt_draws(name, changes):
     assert torch.allclose(process.marginal(one_hot, torch.tensor(1.0, dtype=torch.float64)), process.prior_probs(), atol=1e-9)
 
 
+def vector_moments_are_what_corrupt_draws(process, n=20000):
+    """A vector state's mean and spread are the process's own ``moments(x0, t)`` at every t, and
+    at t = 1 within 0.1 of the prior's."""
+    x0 = torch.full((n // 8, 8), 4)
+    with torch.no_grad():
+        prior = process.prior((n // 8, 8), torch.Generator().manual_seed(3), "cpu").flatten(0, 1)
+        for t in (0.0, 0.3, 0.5, 0.7, 1.0):
+            tt = torch.full((x0.shape[0],), t)
+            xt = process.corrupt(x0, tt, torch.Generator().manual_seed(5)).flatten(0, 1)  # (n, C)
+            mean, std = process.moments(x0[:1, :1], tt[:1])
+            sd, tol = float(std[0]), 5 * float(std[0]) / n ** 0.5 + 1e-6
+            torch.testing.assert_close(xt.mean(0), mean[0, 0], atol=tol, rtol=0)
+            torch.testing.assert_close(xt.std(0), torch.full_like(xt[0], sd), atol=tol, rtol=0)
+            if t == 1.0:
+                assert float((xt.mean(0) - prior.mean(0)).abs().max()) < 0.1
+                assert float((xt.std(0) - prior.std(0)).abs().max()) < 0.1
+
+
+def clean_state(process, x0: torch.Tensor) -> torch.Tensor:
+    """What a clean token is in the process's state: its id, or its embedding (a vector state)."""
+    return process.embed(x0) if process.vector_state else x0
+
+
 @pytest.mark.parametrize("name", PROCESSES.names())
 def test_process_leaves_fixed_positions_and_draws_the_same_noise_elsewhere(name):
     process = make_process(name)
     b = batch()
     t = torch.full((B,), 0.6)
-    free = process.corrupt(b.x0, t, torch.Generator().manual_seed(7))
-    held = process.corrupt(b.x0, t, torch.Generator().manual_seed(7), b.fixed)
-    assert torch.equal(held[b.fixed], b.x0[b.fixed])
+    with torch.no_grad():
+        free = process.corrupt(b.x0, t, torch.Generator().manual_seed(7))
+        held = process.corrupt(b.x0, t, torch.Generator().manual_seed(7), b.fixed)
+        clean = clean_state(process, b.x0)
+    assert torch.equal(held[b.fixed], clean[b.fixed])
     assert torch.equal(held[~b.fixed], free[~b.fixed])
-    assert not torch.equal(free, b.x0)  # it does corrupt
+    assert not torch.equal(free, clean)  # it does corrupt
 
 
 @pytest.mark.parametrize("name", PROCESSES.names())

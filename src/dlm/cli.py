@@ -112,6 +112,8 @@ def _format_eval(r: dict) -> str:
         kind += f", {r['log_t_share']:.0%} of t log-uniform"
     if r.get("carry"):  # usdm: the bound of another x_θ than the network's softmax (docs/uniform.md)
         kind += f", x_θ = {r['x_theta']}"
+    if r.get("bound_name"):  # a family that names its bound (gaussian: which terms, on what)
+        kind += f": {r['bound_name']}"
     lines = [
         f"{r['family']} run {r['run']} at step {r['step']}, {r['data']} [{r['split']}], "
         f"{r['tokens']:,} tokens in {r['sequences']} sequences of {r['seq_len']} — {kind}",

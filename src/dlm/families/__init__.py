@@ -6,6 +6,7 @@ from dlm.families.base import Family
 from dlm.families.d3pm import D3PM
 from dlm.families.diffusion import DiffusionFamily
 from dlm.families.gidd import Gidd
+from dlm.families.gaussian import GaussianDiffusion
 from dlm.families.mdlm import MDLM
 from dlm.families.usdm import USDM
 from dlm.registry import Registry
@@ -16,6 +17,7 @@ FAMILIES.register("ar")(Autoregressive)
 FAMILIES.register("usdm")(USDM)
 FAMILIES.register("d3pm")(D3PM)
 FAMILIES.register("gidd")(Gidd)  # GIDD's mask + uniform hybrid (docs/gidd.md): a preset and its tail below ε
+FAMILIES.register("gaussian")(GaussianDiffusion)  # Gaussian embedding diffusion (docs/gaussian.md)
 
 
 def resolve_components(cfg: RunConfig) -> None:

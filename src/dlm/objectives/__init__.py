@@ -5,6 +5,7 @@ another for uniform-state diffusion). ``causal`` is the autoregressive family's 
 from dlm.objectives.autoregressive import NextTokenCrossEntropy
 from dlm.objectives.base import Corrupted, NoSettings, Objective, Scored, per_sequence
 from dlm.objectives.discrete import D3PMHybrid
+from dlm.objectives.gaussian import GaussianCrossEntropy, GaussianVlb
 from dlm.objectives.hybrid import GiddClipped, GiddElbo
 from dlm.objectives.masked import CountNelbo, LLaDACrossEntropy, MDLMNelbo
 from dlm.objectives.uniform import SDDLM, NaiveDenoising, SDDLMInputNegative, SDDLMRandomNegatives, UniformNelbo
@@ -19,6 +20,8 @@ OBJECTIVES.register("hybrid", processes=("d3pm-absorbing", "d3pm-uniform"))(D3PM
 OBJECTIVES.register("ce", processes=("causal",))(NextTokenCrossEntropy)
 for _objective in (GiddElbo, GiddClipped):
     OBJECTIVES.register(_objective.name, processes=("hybrid",))(_objective)
+for _objective in (GaussianVlb, GaussianCrossEntropy):
+    OBJECTIVES.register(_objective.name, processes=("gaussian",))(_objective)
 
 # the per-family views of earlier versions (a family reads its own through ``Family.objectives``)
 MASKED_OBJECTIVES = OBJECTIVES.for_process("masked", "masked-diffusion objective")

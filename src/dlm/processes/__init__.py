@@ -5,6 +5,7 @@ the processes they serve, by these names."""
 
 from dlm.processes.base import Process, log_uniform_mix, low_discrepancy, mix_density
 from dlm.processes.discrete import AbsorbingD3PM, UniformD3PM
+from dlm.processes.gaussian import GaussianProcess
 from dlm.processes.hybrid import HybridProcess
 from dlm.processes.masked import MaskedProcess
 from dlm.processes.uniform import UniformProcess
@@ -16,6 +17,7 @@ PROCESSES.register("uniform")(UniformProcess)
 PROCESSES.register("d3pm-absorbing")(AbsorbingD3PM)
 PROCESSES.register("d3pm-uniform")(UniformD3PM)
 PROCESSES.register("hybrid")(HybridProcess)
+PROCESSES.register("gaussian")(GaussianProcess)
 
 __all__ = ["Process", "MaskedProcess", "UniformProcess", "AbsorbingD3PM", "UniformD3PM", "HybridProcess", "PROCESSES",
            "low_discrepancy", "log_uniform_mix", "mix_density"]

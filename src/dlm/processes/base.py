@@ -75,6 +75,10 @@ class Process(nn.Module, ABC):
     """
 
     Settings: ClassVar[type] = NoSettings
+    # True: the state is vectors (B, L, C), not ids (Gaussian diffusion); such a process offers
+    # ``embed(x0)`` (the clean state of tokens) and ``moments(x0, t)`` → (mean (B, L, C), std (B,)) of
+    # q(x_t | x0) in place of ``prior_probs`` / ``marginal``, which are distributions over tokens
+    vector_state: ClassVar[bool] = False
 
     def __init__(self, vocab_size: int, schedule: Schedule, settings=None):
         super().__init__()

@@ -7,6 +7,7 @@ from dlm.samplers.base import (DiffusionSamplerSettings, Sampler, SamplerSetting
                                sample_categorical)
 from dlm.samplers.d3pm_ancestral import D3PMAncestralSampler
 from dlm.samplers.fast_dllm import FastDllmSampler
+from dlm.samplers.gaussian_ancestral import GaussianAncestralSampler
 from dlm.samplers.hybrid_ancestral import HybridAncestralSampler, SelfCorrectSampler
 from dlm.samplers.llada import LLaDASampler
 from dlm.samplers.masked_ancestral import MaskedAncestralSampler
@@ -23,6 +24,7 @@ SAMPLERS.register("ancestral", processes=("d3pm-absorbing", "d3pm-uniform"))(D3P
 SAMPLERS.register("ancestral", processes=("causal",))(AutoregressiveSampler)
 SAMPLERS.register("ancestral", processes=("hybrid",))(HybridAncestralSampler)
 SAMPLERS.register("self-correct", processes=("hybrid",))(SelfCorrectSampler)
+SAMPLERS.register("ancestral", processes=("gaussian",))(GaussianAncestralSampler)
 
 # the per-family views of earlier versions (a family reads its own through ``Family.samplers``)
 MASKED_SAMPLERS = SAMPLERS.for_process("masked", "masked-diffusion sampler")

@@ -1,0 +1,55 @@
+"""Ancestral (DDPM-style) sampling of Gaussian embedding diffusion (VDM / Plaid).
+
+From z_1 ~ N(0, I) at every generated position (clean positions and padding hold their clean
+embedding e(x) throughout), for steps t = 1 → 0 on a uniform grid of T steps, the network
+gives p_θ(x0 | z_t) at the generated positions (after temperature / top-k / top-p), the
+denoised embedding is its expectation x̂ = Σ_v p_θ(v | z_t) e(v), and
+
+    z_s ~ q(z_s | z_t, x = x̂) = N(μ, σ²_Q I)       (``GaussianProcess.posterior``).
+
+At the last step (s = 0) the tokens are drawn from the same filtered p_θ(x0 | z_{1/T}) instead
+(temperature 0: the argmax), so the output is token ids of the data vocabulary with every
+clean position as given. One network call per step on the whole batch (``nfe`` = T). Guidance
+needs nothing here: the family's ``Guided`` wrapper takes the vector state and hides the clean
+positions with a draw of the prior.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dlm.processes.gaussian import GaussianProcess
+from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical
+
+
+class GaussianAncestralSampler(Sampler):
+    name = "ancestral"
+    Settings = DiffusionSamplerSettings
+
+    @torch.no_grad()
+    def sample(self, model, process: GaussianProcess, given, clean, generator, time_conditioned: bool = False,
+               pad=None):
+        """(B, L) tokens and the network calls; ``clean`` positions are kept as in ``given``."""
+        steps, (num, _), device = self.settings.steps, given.shape, given.device
+        fixed = clean if pad is None else clean | pad
+        free = ~fixed
+        e_given = process.embed(given)  # (B, L, C)
+        z = torch.where(fixed[..., None], e_given, process.prior(given.shape, generator, device).to(e_given.dtype))
+        out = given.clone()
+        if not bool(free.any()):
+            return out, 1
+        E = process.embeddings()
+        times = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
+        for i in range(steps):
+            t, s = times[i], times[i + 1]
+            t_batch = torch.full((num,), float(t), device=device) if time_conditioned else None
+            logits = filter_logits(model(z, t_batch, score_mask=free, pad=pad), self.options)  # (N, V) float64
+            if i == steps - 1:  # s = 0: map to tokens
+                out[free] = sample_categorical(logits, generator)
+                break
+            x_hat = logits.softmax(-1).to(E.dtype) @ E  # (N, C)
+            mean, std = process.posterior(z[free], x_hat, t, s)
+            noise = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype)  # (B, L, C), all rows
+            z = z.clone()
+            z[free] = mean + std.to(z.dtype) * noise[free]
+        return out, steps
