@@ -9,7 +9,8 @@ denoised embedding is its expectation x̂ = Σ_v p_θ(v | z_t) e(v), and
 
 At the last step (s = 0) the tokens are drawn from the same filtered p_θ(x0 | z_{1/T}) instead
 (temperature 0: the argmax), so the output is token ids of the data vocabulary with every
-clean position as given. One network call per step on the whole batch (``nfe`` = T). Guidance
+clean position as given. One network call per step on the whole batch (``nfe`` = T); the trace
+(``record``) holds the nearest tokens of each z, then the sample. Guidance
 needs nothing here: the family's ``Guided`` wrapper takes the vector state and hides the clean
 positions with a draw of the prior.
 """
@@ -36,9 +37,10 @@ class GaussianAncestralSampler(Sampler):
         e_given = process.embed(given)  # (B, L, C)
         z = torch.where(fixed[..., None], e_given, process.prior(given.shape, generator, device).to(e_given.dtype))
         out = given.clone()
+        E = process.embeddings()
+        self.record(self.nearest(z, E, given, free))
         if not bool(free.any()):
             return out, 1
-        E = process.embeddings()
         times = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
         for i in range(steps):
             t, s = times[i], times[i + 1]
@@ -46,10 +48,18 @@ class GaussianAncestralSampler(Sampler):
             logits = filter_logits(model(z, t_batch, score_mask=free, pad=pad), self.options)  # (N, V) float64
             if i == steps - 1:  # s = 0: map to tokens
                 out[free] = sample_categorical(logits, generator)
+                self.record(out)
                 break
             x_hat = logits.softmax(-1).to(E.dtype) @ E  # (N, C)
             mean, std = process.posterior(z[free], x_hat, t, s)
             noise = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype)  # (B, L, C), all rows
             z = z.clone()
             z[free] = mean + std.to(z.dtype) * noise[free]
+            self.record(self.nearest(z, E, given, free))
         return out, steps
+
+    @staticmethod
+    def nearest(z: torch.Tensor, E: torch.Tensor, given: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids for the trace: the given tokens, and at generated positions the token whose
+        embedding is nearest to z (all embeddings have unit norm: the largest z · e(v))."""
+        return torch.where(free, (z @ E.T).argmax(-1), given)
