@@ -430,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lm_eval_parser(sub)
     _add_bench_parser(sub)
     _add_export_parser(sub)
+    _add_distill_parser(sub)
     return p
 
 
@@ -595,6 +596,49 @@ def _add_export_parser(sub) -> None:
     x.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
+
+
+def cmd_distill(args) -> int:
+    from dlm.service.distillation import distill
+
+    flags = {"distill.rounds": args.rounds, "distill.steps_per_round": args.steps_per_round,
+             "distill.start_steps": args.start_steps, "distill.divergence": args.divergence, "data.data": args.data,
+             "train.batch_size": args.batch_size, "train.lr": args.lr, "train.device": args.device}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    result, cfg = distill(Path(args.run), Path(args.out), args.config, args.overrides, flags, args.resume,
+                          progress=not args.quiet)
+    d = cfg.distill
+    summary = {"run": args.out, "teacher": d.teacher, "student_steps": d.student_steps, "rounds": d.rounds,
+               "step": result.step, "divergence": d.divergence, "loss": result.loss,
+               "elapsed_s": round(result.elapsed_s, 1)}
+    print(json.dumps(summary) if args.json else f"distilled {args.run} into {args.out}: {d.rounds} rounds, "
+          f"{d.student_steps} steps, step {result.step}, {d.divergence} {result.loss:.4f}, {result.elapsed_s:.0f} s")
+    if result.interrupted:
+        print(f"stopped by {result.interrupted}; the checkpoint is saved: continue with "
+              f"`dlm distill {args.run} --out {args.out} --resume`", file=sys.stderr)
+        return 130 if result.interrupted == "SIGINT" else 143
+    return 0
+
+
+def _add_distill_parser(sub) -> None:
+    """``dlm distill RUN --out DIR``: a few-step student (mdlm: SDTT, usdm: Duo's DCD)."""
+    d = sub.add_parser("distill", help="distil a diffusion run into a few-step student (mdlm: SDTT, usdm: DCD)")
+    d.add_argument("run", help="the teacher run folder")
+    d.add_argument("--out", required=True, help="the student's run folder (or the one to continue with --resume)")
+    d.add_argument("--config", help="YAML config with distill: (and train:) settings")
+    d.add_argument("--resume", action="store_true", help="continue the distillation in --out")
+    d.add_argument("--rounds", type=int, help="rounds, each halving the steps (distill.rounds)")
+    d.add_argument("--steps-per-round", type=int, help="optimiser steps per round (distill.steps_per_round)")
+    d.add_argument("--start-steps", type=int, help="the teacher's steps in the first round (distill.start_steps)")
+    d.add_argument("--divergence", help="kl-bwd | kl-fwd | mse | tvd (distill.divergence)")
+    d.add_argument("--data", help="corpus to distil on (default: the teacher's training data)")
+    d.add_argument("--batch-size", type=int)
+    d.add_argument("--lr", type=float)
+    d.add_argument("--device")
+    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("overrides", nargs="*", help="key=value settings, e.g. distill.divergence=tvd train.lr=1e-4")
+    d.set_defaults(func=cmd_distill)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import torch
 from dlm.config import RunConfig
 from dlm.data import TokenData
 from dlm.device import resolve_device
+from dlm.distill.trainer import DistillTrainer
 from dlm.distributed import init_distributed
 from dlm.runlock import run_lock
 # the loop's pieces, importable from here as before they moved into dlm.trainer
@@ -57,6 +58,8 @@ def train(
         probe_s = check_compile(device) if cfg.train.compile else 0.0  # before any work
         # one writer per run folder: a second `--resume` of a run in use stops with one line
         with run_lock(Path(out)) if dist.is_main else contextlib.nullcontext():
-            return Trainer(cfg, Path(out), resume, progress and dist.is_main, data, device, dist, probe_s).train()
+            # a student of ``dlm distill`` trains (and resumes) with its teacher beside it
+            loop = DistillTrainer if cfg.distill.teacher is not None else Trainer
+            return loop(cfg, Path(out), resume, progress and dist.is_main, data, device, dist, probe_s).train()
     finally:
         dist.shutdown()
