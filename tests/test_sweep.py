@@ -194,12 +194,13 @@ def test_every_setting_refuses_bad_values(cases, corpus, tmp_path, capsys, monke
 
 
 def sampler_cases(family_name: str):
-    """(id, tail) for ``dlm sample RUN --sampler S sampler.KEY=bad`` over every sampler of a family."""
+    """(id, tail) for ``dlm sample RUN --sampler S sampler.KEY=bad`` over every sampler of a family
+    (the wrong type and the range's edges: NaN, ∞ and non-integers are swept through train above)."""
     family = FAMILIES.get(family_name)
     process = family.process_key()
     for comp in SAMPLERS.names(process):
         for f, tp in _fields(SAMPLERS.get(comp, process).Settings):
-            for bad in bad_values(f, tp):
+            for bad in (v for v in bad_values(f, tp) if v not in ("1.5", "nan", "inf", "-inf")):
                 yield f"{comp}.{f.name}={bad}", ["--sampler", comp, f"sampler.{f.name}={bad}"]
     for comp in sorted(set(SAMPLERS.names()) - set(SAMPLERS.names(process))):
         yield f"--sampler {comp}", ["--sampler", comp]

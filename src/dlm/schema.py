@@ -14,7 +14,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from dlm.distill.settings import DistillConfig
 from dlm.settings import ComponentConfig, setting
 
 POSITIVE = {"lo": 0, "lo_open": True}
@@ -33,6 +32,9 @@ class ModelConfig:
     cond_dim: int = setting(128, lo=1)  # width of the adaLN time embedding (time-conditioned models only)
     dropout: float = setting(0.0, lo=0, hi=1, hi_open=True)
     activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~1/3 more compute
+    # "hf:FOLDER": a pretrained Hugging Face causal LM as the backbone (dlm.backbones.pretrained; set by
+    # --init-from hf:FOLDER or smollm2-135m); "" (default): dlm's own transformer of ``size``
+    pretrained: str = ""
 
 
 @dataclass
@@ -120,15 +122,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # a student of ``dlm distill`` (its teacher, rounds, divergence); empty for every other run
-    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = _to_dict(self)
         if self.process.name is None and not self.process.settings:
             del out["process"]  # families with a fixed process: config.yaml as before
-        if self.distill.teacher is None:
-            del out["distill"]  # not a distillation: config.yaml as before
         return out
 
 

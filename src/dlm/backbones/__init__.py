@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dlm.backbones.base import BACKBONES, Backbone
+from dlm.backbones.pretrained import PretrainedCausalLM
 from dlm.backbones.sizes import SIZES, resolve_size
 from dlm.backbones.transformer import KVCache, Transformer, TransformerConfig
 
@@ -27,5 +28,5 @@ def build_backbone(name: str, model_cfg: ModelConfig, *, vocab_in: int, vocab_ou
                                      cond_dim=cond_dim)
 
 
-__all__ = ["BACKBONES", "SIZES", "Backbone", "KVCache", "Transformer", "TransformerConfig", "build_backbone",
+__all__ = ["BACKBONES", "SIZES", "Backbone", "KVCache", "PretrainedCausalLM", "Transformer", "TransformerConfig", "build_backbone",
            "resolve_size"]

@@ -327,3 +327,79 @@ class GPT2Tokenizer(_ByteLevelBPE):
 
     def fingerprint(self):
         return "gpt2-50257"
+
+
+@TOKENIZERS.register("pretrained")
+class PretrainedTokenizer(Tokenizer):
+    """The tokenizer of a pretrained Hugging Face model (``--init-from hf:FOLDER``), kept in the
+    run as its ``tokenizers`` JSON. ``vocab_size`` is the model's embedding rows (at least the
+    tokenizer's own size), so the logits span what the model predicts; the end-of-text token is
+    the model tokenizer's ``eos_token``. Text is encoded without the special tokens a
+    tokenizer adds around a sequence (dlm separates documents with end-of-text itself)."""
+
+    kind = "pretrained"
+
+    def __init__(self, tok, eos_id: int, vocab_size: int):
+        self.tok, self.eos_id, self._vocab_size = tok, eos_id, vocab_size
+
+    @classmethod
+    def build(cls, train_docs, vocab_size):
+        raise DlmError("the 'pretrained' tokenizer is a pretrained model's: it comes with --init-from hf:FOLDER")
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "PretrainedTokenizer":
+        """The tokenizer of the model in ``folder`` (transformers' AutoTokenizer, offline)."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise DlmError(f"cannot read the tokenizer of {folder}: {str(e).strip().splitlines()[0][:160]}") from None
+        backend = getattr(hf, "backend_tokenizer", None)
+        if backend is None:
+            raise DlmError(f"the tokenizer of {folder} has no fast (tokenizers) form dlm can keep")
+        if hf.eos_token_id is None:
+            raise DlmError(f"the tokenizer of {folder} has no end-of-text token (eos_token): dlm needs one to "
+                           f"separate documents")
+        rows = getattr(AutoConfig.from_pretrained(folder, local_files_only=True), "vocab_size", 0) or 0
+        return cls(backend, int(hf.eos_token_id), max(rows, backend.get_vocab_size(with_added_tokens=True)))
+
+    @classmethod
+    def from_state(cls, state):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(_field(state, "tokenizer", str)), _field(state, "eos_id", int),
+                   _field(state, "vocab_size", int))
+
+    def state(self):
+        return {"tokenizer": self.tok.to_str(), "eos_id": self.eos_id, "vocab_size": self._vocab_size}
+
+    @property
+    def vocab_size(self):
+        return self._vocab_size
+
+    def encode(self, text):
+        return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def encode_batch(self, texts):
+        return [np.asarray(e.ids, dtype=np.int64) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids):
+        known = self.tok.get_vocab_size(with_added_tokens=True)
+        return self.tok.decode([int(i) for i in ids if int(i) < known], skip_special_tokens=False)
+
+    def token_byte_strings(self):
+        """Byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM): the bytes each token's characters map
+        to; SentencePiece-style pieces: '▁' as a space, ``<0xNN>`` as its byte; special tokens b""."""
+        out = [b""] * self._vocab_size
+        specials = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        for token, i in self.tok.get_vocab(with_added_tokens=True).items():
+            if token in specials or i >= self._vocab_size:
+                continue
+            if all(c in _UNICODE_TO_BYTE for c in token):
+                out[i] = bytes(_UNICODE_TO_BYTE[c] for c in token)
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                out[i] = bytes([int(token[3:5], 16)])
+            else:
+                out[i] = token.replace("\u2581", " ").encode("utf-8")
+        return out

@@ -195,7 +195,8 @@ class Family(ABC):
         """The network: the family's backbone shaped by the ``model`` section; a process that
         learns something (parameters of its own) becomes its submodule ``process``, so the
         optimiser, checkpoints and ``.to(device)`` take it along."""
-        model = build_backbone(self.backbone, self.cfg.model, vocab_in=self.input_vocab_size, vocab_out=self.vocab_size,
+        backbone = "pretrained" if self.cfg.model.pretrained else self.backbone  # --init-from hf:FOLDER
+        model = build_backbone(backbone, self.cfg.model, vocab_in=self.input_vocab_size, vocab_out=self.vocab_size,
                                causal=self.causal, cond_dim=self.cfg.model.cond_dim if self.time_conditioned else 0)
         if self.process is not None and any(True for _ in self.process.parameters()):
             model.add_module("process", self.process)

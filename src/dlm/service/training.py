@@ -12,6 +12,7 @@ from dlm.checkpoint import latest_checkpoint, read_run_config
 from dlm.config import finalize, from_dict, load_yaml, migrate, nest, parse_override, resolve_config_path
 from dlm.errors import DlmError
 from dlm.schema import RunConfig
+from dlm.service.pretrained import is_pretrained, pretrained_config
 from dlm.settings import apply_dict
 
 # Keys a resumed run may change; everything else must stay as the run was started.
@@ -74,6 +75,8 @@ def init_from_config(source: Path, config: str | None = None, overrides: list[st
     the settings asked for (``asked_settings`` of ``config``, ``overrides`` and ``flags``) on
     top; the trainer loads the source's weights, not its optimiser. ``flags["family"]`` and
     ``flags["data.tokenizer"]``, when given, must be the source's own."""
+    if is_pretrained(str(source)):
+        return pretrained_config(str(source), config, overrides, flags)
     source = Path(source)
     src = read_run_config(source)
     latest_checkpoint(source)  # a run with no checkpoint has no weights to start from
@@ -86,7 +89,6 @@ def init_from_config(source: Path, config: str | None = None, overrides: list[st
         raise DlmError(f"--init-from {source} was trained with the '{src.data.tokenizer}' tokenizer, not "
                        f"'{tokenizer}': fine-tuning keeps the run's tokenizer (drop --tokenizer)")
     cfg = from_dict(src.to_dict())
-    cfg.distill = type(cfg.distill)()  # a student's own distillation does not carry over to what starts from it
     asked = asked_settings(config, overrides, flags)
     cfg.data.sft_length = type(cfg.data)().sft_length  # the new run's own choice (the source's may predate it)
     if asked.get("objective", cfg.objective.name) != cfg.objective.name:

@@ -19,6 +19,11 @@ def prepare_run_data(cfg: RunConfig, out: Path, resume: bool, init_from: Path | 
         tokenizer = load_tokenizer(out / "tokenizer.json")
     elif init_from is not None:
         tokenizer = load_tokenizer(init_from / "tokenizer.json")
+    elif cfg.model.pretrained:  # a pretrained causal LM: its own tokenizer
+        from dlm.backbones.pretrained import pretrained_folder
+        from dlm.data.tokenizers import PretrainedTokenizer
+
+        tokenizer = PretrainedTokenizer.from_folder(pretrained_folder(cfg.model.pretrained))
     if not dist.is_main:
         dist.barrier()  # rank 0 tokenises (and trains the BPE) once; the others read its cache
     data = prepare_data(cfg.data, tokenizer)

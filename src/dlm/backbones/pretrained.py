@@ -1,0 +1,159 @@
+"""A pretrained Hugging Face causal LM as a dlm backbone (``dlm train --init-from hf:FOLDER``,
+``--init-from smollm2-135m``): any architecture ``AutoModelForCausalLM`` loads (Llama, Qwen2,
+GPT-2, SmolLM…), its tokenizer becoming the run's.
+
+* **As it is** (``causal``, the ``ar`` family): the model's own causal attention and logits —
+  a run with no training step evaluates to exactly transformers' NLL. The autoregressive
+  sampler's KV cache holds the model's ``past_key_values``.
+* **Adapted to diffusion** (bidirectional families, ``mdlm`` / ``usdm``): AR-to-diffusion
+  adaptation as in Dream / DiffuLLaMA — full (bidirectional) attention through a 4-D mask;
+  the absorbing [MASK] state added to the vocabulary (the input embedding grown by one row,
+  initialised at the mean of the others); and *shifted logits* (Dream): the prediction for
+  position i is read where the AR model predicts token i, at position i − 1 (position 0
+  reads its own). Time conditioning is off: the pretrained model has none.
+
+The run config records the folder (``model.pretrained: hf:FOLDER``); ``dlm eval`` and
+``dlm sample`` rebuild the architecture from it and load the run's own weights on top.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dlm.backbones.base import BACKBONES, Backbone
+from dlm.errors import DlmError
+
+PREFIX = "hf:"
+
+
+@dataclass
+class PretrainedShape:
+    """What callers read from ``model.cfg`` (the AR sampler's cache size, the FLOPs count)."""
+
+    n_layer: int
+    d_model: int
+    vocab_in: int
+    vocab_out: int
+    causal: bool
+
+
+def pretrained_folder(spec: str) -> Path:
+    """The local folder of ``hf:FOLDER``, checked: a folder with a config.json."""
+    if not spec.startswith(PREFIX):
+        raise DlmError(f"model.pretrained must be hf:FOLDER (a local Hugging Face causal-LM folder), got {spec!r}")
+    folder = Path(spec[len(PREFIX):]).expanduser()
+    if not (folder / "config.json").is_file():
+        raise DlmError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    return folder
+
+
+def _transformers():
+    try:
+        import transformers
+        from transformers.utils import logging
+    except ImportError:
+        raise DlmError("a pretrained backbone needs transformers: pip install 'dlm[judge]'") from None
+    logging.disable_progress_bar()  # "Loading weights" on every run, eval and sample
+    return transformers
+
+
+def check_causal_lm(folder: Path):
+    """The config of ``folder``'s model, if ``AutoModelForCausalLM`` can build it (one line if not)."""
+    transformers = _transformers()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (ValueError, OSError, KeyError) as e:
+        raise DlmError(f"transformers cannot read {folder / 'config.json'}: {str(e).strip().splitlines()[0][:160]}") from None
+    if type(config) is transformers.PretrainedConfig:  # a model_type transformers does not know
+        raise DlmError(f"transformers does not know the architecture of {folder} "
+                       f"(model_type {getattr(config, 'model_type', None) or '?'!r}): it cannot load it")
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise DlmError(f"{folder} is not a causal LM transformers can load (a {type(config).__name__}; "
+                       f"AutoModelForCausalLM takes Llama, Qwen2, GPT-2, … models)")
+    return config
+
+
+def load_causal_lm(folder: Path):
+    """``AutoModelForCausalLM`` of ``folder`` in float32, offline; one line when transformers
+    cannot load it as a causal LM."""
+    check_causal_lm(folder)
+    transformers = _transformers()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise DlmError(f"cannot load the weights of {folder}: {str(e).strip().splitlines()[0][:160]}") from None
+    return model.eval()
+
+
+@BACKBONES.register("pretrained")
+class PretrainedCausalLM(Backbone):
+    """The :class:`~dlm.backbones.base.Backbone` contract over a transformers causal LM ``hf``
+    (the module docstring); ``cache`` (a :class:`dlm.backbones.transformer.KVCache`) for the
+    causal one's left-to-right sampling."""
+
+    def __init__(self, hf, vocab_in: int, vocab_out: int, causal: bool):
+        super().__init__()
+        self.hf = hf
+        hidden = hf.get_input_embeddings().embedding_dim
+        layers = getattr(hf.config, "num_hidden_layers", None) or getattr(hf.config, "n_layer", 1)
+        self.cfg = PretrainedShape(layers, hidden, vocab_in, vocab_out, causal)
+        self.d_model, self.vocab_in, self.vocab_out, self.causal = hidden, vocab_in, vocab_out, causal
+        self.time_conditioned = False
+
+    @classmethod
+    def build(cls, model_cfg, *, vocab_in: int, vocab_out: int, causal: bool, cond_dim: int) -> PretrainedCausalLM:
+        if cond_dim:
+            raise DlmError("a pretrained causal LM has no time conditioning: set time_conditioning=false")
+        hf = load_causal_lm(pretrained_folder(model_cfg.pretrained))
+        rows = hf.get_input_embeddings().num_embeddings
+        if vocab_out > rows:
+            raise DlmError(f"the tokenizer has {vocab_out} tokens but the model {model_cfg.pretrained} only {rows}")
+        if vocab_in > rows:  # the absorbing state(s): new rows at the mean of the others
+            hf.resize_token_embeddings(vocab_in, mean_resizing=False)
+            emb = hf.get_input_embeddings().weight
+            with torch.no_grad():
+                emb[rows:] = emb[:rows].mean(0)
+        return cls(hf, vocab_in, vocab_out, causal)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hf.get_input_embeddings()(x)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _mask(self, pad: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor | None:
+        """Causal: transformers' 2-D mask (1 keep) or None. Bidirectional: a (B, 1, T, T) bool
+        mask — every key but the padded ones, and each query itself."""
+        if self.causal:
+            return None if pad is None else (~pad).long()
+        if pad is None:
+            return torch.ones(B, 1, T, T, dtype=torch.bool, device=device)
+        return ~pad[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=device)
+
+    def forward(self, x=None, t=None, cache=None, score_mask=None, pad=None, *, embeds=None, head_fn=None,
+                score_count=None, **unused):
+        """Logits (B, T, vocab_out) or at ``score_mask`` (the Backbone contract); with ``cache``
+        the input continues the cached tokens (causal only)."""
+        h = self.input_vectors(x, embeds)  # (B, T, C)
+        B, T, _ = h.shape
+        if cache is not None:
+            with warnings.catch_warnings():  # transformers ≥ 5.3 calls it `cache`; ≥ 4.46 all take this name
+                warnings.simplefilter("ignore", FutureWarning)
+                out = self.hf(inputs_embeds=h, past_key_values=getattr(cache, "hf", None), use_cache=True)
+            cache.hf, cache.length = out.past_key_values, cache.length + T
+        else:
+            out = self.hf(inputs_embeds=h, attention_mask=self._mask(pad, B, T, h.device), use_cache=False)
+        logits = out.logits[..., : self.vocab_out]  # (B, T, V): the absorbing state is never predicted
+        if not self.causal:  # Dream's shift: position i reads the AR prediction made at i − 1
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        if score_mask is not None:
+            logits = logits[score_mask]  # (N, V), row-major
+        if head_fn is not None:  # the logits are already computed: the "head" is the identity
+            return head_fn(lambda z: z, logits)
+        return logits.float()
