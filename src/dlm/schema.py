@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from dlm.distill.settings import DistillConfig
 from dlm.settings import ComponentConfig, setting
 
 POSITIVE = {"lo": 0, "lo_open": True}
@@ -122,11 +123,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # a student of ``dlm distill`` (its teacher, rounds, divergence); empty for every other run
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = _to_dict(self)
         if self.process.name is None and not self.process.settings:
             del out["process"]  # families with a fixed process: config.yaml as before
+        if self.distill.teacher is None:
+            del out["distill"]  # not a distillation: config.yaml as before
         return out
 
 

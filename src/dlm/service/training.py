@@ -89,6 +89,7 @@ def init_from_config(source: Path, config: str | None = None, overrides: list[st
         raise DlmError(f"--init-from {source} was trained with the '{src.data.tokenizer}' tokenizer, not "
                        f"'{tokenizer}': fine-tuning keeps the run's tokenizer (drop --tokenizer)")
     cfg = from_dict(src.to_dict())
+    cfg.distill = type(cfg.distill)()  # a student's own distillation does not carry over to what starts from it
     asked = asked_settings(config, overrides, flags)
     cfg.data.sft_length = type(cfg.data)().sft_length  # the new run's own choice (the source's may predate it)
     if asked.get("objective", cfg.objective.name) != cfg.objective.name:
