@@ -47,7 +47,8 @@ class GaussianCorrupted(Corrupted):
 def denoised(logits: torch.Tensor, process: GaussianProcess) -> torch.Tensor:
     """x̂ = softmax(logits) @ E: (N, V) logits → (N, C), the expected clean embedding."""
     E = process.embeddings()
-    return logits.to(E.dtype).softmax(-1) @ E
+    with torch.autocast(E.device.type, enabled=False):  # float32 under a bf16 autocast: the bound weighs it by SNR
+        return logits.to(E.dtype).softmax(-1) @ E
 
 
 def diffusion_term(logits: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, process: GaussianProcess) -> torch.Tensor:

@@ -139,6 +139,7 @@ class GaussianProcess(Process):
         alpha, sigma = self.alpha_sigma(torch.zeros((), device=E.device))
         alpha, sigma = float(alpha), float(sigma)
         z0 = alpha * E[x0] + sigma * eps0.to(E.dtype)  # (N, C)
-        # −‖z − α e_v‖² / 2σ² up to a term that is the same for every v: (α z·e_v − α²‖e_v‖²/2) / σ²
-        logits = (alpha * z0 @ E.T - 0.5 * alpha ** 2 * E.pow(2).sum(-1)) / sigma ** 2  # (N, V)
-        return F.cross_entropy(logits, x0, reduction="none")
+        with torch.autocast(E.device.type, enabled=False):  # float32 under a bf16 autocast: divided by σ_0²
+            # −‖z − α e_v‖² / 2σ² up to a term that is the same for every v: (α z·e_v − α²‖e_v‖²/2) / σ²
+            logits = (alpha * z0 @ E.T - 0.5 * alpha ** 2 * E.pow(2).sum(-1)) / sigma ** 2  # (N, V)
+            return F.cross_entropy(logits, x0, reduction="none")
