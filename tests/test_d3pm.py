@@ -18,7 +18,7 @@ from dlm.objectives.base import Corrupted
 from dlm.processes import AbsorbingD3PM, UniformD3PM
 from dlm.processes.discrete import D3PMSettings, DiscreteTime
 from dlm.schedules import get_schedule
-from helpers import one_line_error, run
+from helpers import one_line_error, run, score
 
 V = 5
 
@@ -127,14 +127,22 @@ def tiny_family(kind: str, T: int, stride: int = 1, time_conditioning: bool = Tr
     return fam, model.eval()
 
 
+def strided_grid(T: int, stride: int) -> list[int]:
+    """The grid eval.time_stride = K stands for, written out: round(T/K) jumps (halves up), at
+    the integer times nearest to an even spacing (the ancestral sampler's grid)."""
+    n = max(1, math.floor(T / stride + 0.5))
+    return [round(T - k * T / n) for k in range(n + 1)]
+
+
 def exact_bound(fam, model, x0: torch.Tensor, stride: int) -> float:
-    """The T/stride-step NELBO of one sequence by enumerating every x_t ∈ S^L, dense matrices."""
+    """The NELBO of one sequence over the grid of ``stride`` by enumerating every x_t ∈ S^L,
+    dense matrices."""
     p = fam.process
     T, L, S = p.steps, len(x0), p.num_states
     states = torch.tensor(list(itertools.product(range(S), repeat=L)))  # (S^L, L)
     total = 0.0
-    for t in range(T, 0, -stride):
-        s = max(t - stride, 0)
+    grid = strided_grid(T, stride)
+    for t, s in zip(grid, grid[1:]):
         bar_s, ts, bar_t = product(p, 0, s), product(p, s, t), product(p, 0, t)
         qt = bar_t[x0]  # (L, S): q(x_t^l | x0^l)
         prob = qt[torch.arange(L), states].prod(-1)  # (S^L,)
@@ -153,9 +161,10 @@ def exact_bound(fam, model, x0: torch.Tensor, stride: int) -> float:
     return total
 
 
-@pytest.mark.parametrize("kind,stride", [("absorbing", 1), ("absorbing", 2), ("uniform", 1), ("uniform", 3)])
-def test_the_whole_bound_matches_an_enumeration(kind, stride, one_thread):
-    fam, model = tiny_family(kind, T=4, stride=stride)
+@pytest.mark.parametrize("kind,T,stride", [("absorbing", 4, 1), ("absorbing", 4, 2), ("uniform", 4, 1), ("uniform", 4, 3),
+                                           ("absorbing", 5, 2), ("uniform", 5, 2)])
+def test_the_whole_bound_matches_an_enumeration(kind, T, stride, one_thread):
+    fam, model = tiny_family(kind, T=T, stride=stride)
     x0 = torch.tensor([1, 3, 0])
     want = exact_bound(fam, model, x0, stride)
     n = 4000
@@ -163,7 +172,93 @@ def test_the_whole_bound_matches_an_enumeration(kind, stride, one_thread):
     nats = fam.nll(model, batch, torch.Generator().manual_seed(1), mc_samples=1)  # (n,) one draw of x_t per term
     mean, se = nats.mean().item(), nats.std().item() / math.sqrt(n)
     assert abs(mean - want) < 4 * se + 1e-9, (mean, want, se)
-    assert fam.bound_info()["bound_steps"] == len(range(4, 0, -stride))
+    assert fam.bound_info()["bound_steps"] == len(strided_grid(T, stride)) - 1
+
+
+@pytest.mark.parametrize("T,stride", [(1000, 7), (1000, 50), (10, 3), (10, 4), (5, 2), (4, 8), (7, 7)])
+def test_the_strided_bound_is_over_the_grid_the_sampler_walks(T, stride, one_thread):
+    """eval.time_stride = K: the bound sums the jumps of the grid sampler.steps = round(T/K)
+    visits (issue 19: K = 7 at T = 1000 summed 1000, 993, …, 6 → 0, not the sampler's grid)."""
+    from dlm.processes.discrete import step_grid, strided_steps
+
+    fam, _ = tiny_family("uniform", T=T, stride=stride)
+    n = fam.bound_info()["bound_steps"]
+    assert n == strided_steps(T, stride) == len(strided_grid(T, stride)) - 1
+    assert fam.eval_steps() == strided_grid(T, stride)[:-1] == step_grid(T, n)[:-1].tolist()
+    if T % stride == 0:
+        assert fam.eval_steps() == list(range(T, 0, -stride))  # as before where K divides T
+    if T <= 10:  # the sampler with steps = n calls the network at exactly those times
+        fam, model = tiny_family("uniform", T=T, stride=stride)
+        seen = []
+        hook = model.register_forward_pre_hook(lambda m, args: seen.append(round(float(args[1][0]) * T)))
+        from dlm.samplers.base import SamplerSettings
+
+        fam.sample(model, torch.zeros((2, 3), dtype=torch.long), torch.zeros((2, 3), dtype=torch.bool),
+                   torch.Generator().manual_seed(0), SamplerSettings(steps=n))
+        hook.remove()
+        assert seen == fam.eval_steps()
+
+
+TOY_V, TOY_X0 = 3, torch.tensor([0, 1, 2])
+
+
+def enumerated_bound(stride: int, denoiser, data) -> float:
+    """E_{x0 ~ data} of the D3PM family's bound (its grid and step term) on a T = 16 absorbing
+    chain, every x_t enumerated (each position kept or masked); ``denoiser(xt)`` → logits."""
+    cfg = from_dict({"family": "d3pm", "process": {"name": "absorbing", "steps": 16}, "schedule": "loglinear",
+                     "eval": {"time_stride": stride}})
+    fam = FAMILIES.get("d3pm")(cfg, TOY_V, 0)
+    p, bound = fam.process, fam.make_bound()
+    assert p.prior_kl() == 0.0
+    total = 0.0
+    for x0, w in data:
+        masks = torch.tensor(list(itertools.product([False, True], repeat=len(x0))))  # (2^L, L)
+        xt = torch.where(masks, p.mask_id, x0.expand(len(masks), -1))
+        for i in fam.eval_steps():
+            a = float(p.schedule.alpha(torch.tensor(i / p.steps, dtype=torch.float64)))
+            prob = a ** (~masks).sum(-1).double() * (1 - a) ** masks.sum(-1).double()  # q(x_t | x0)
+            t = torch.full((len(masks),), i / p.steps)
+            nats = score(bound, denoiser(xt), x0.expand(len(masks), -1), xt, t, p).nats
+            total += w * float((prob * nats.double()).sum())
+    return total
+
+
+def test_a_finer_grid_can_loosen_the_bound_of_an_arbitrary_denoiser(one_thread):
+    """docs/d3pm.md: no ordering holds for an arbitrary denoiser. This fixed one is sure of the
+    sequence with nothing visible and guesses uniformly once it sees a token: its loss per
+    masked token grows with the context, and the bound grows as the grid is refined."""
+    def forgetful(xt):
+        logits = torch.zeros(*xt.shape, TOY_V)
+        sure = torch.full((len(TOY_X0), TOY_V), -2.0).scatter(-1, TOY_X0[:, None], 2.0)
+        logits[(xt == TOY_V).all(-1)] = sure
+        return logits
+
+    bounds = [enumerated_bound(k, forgetful, [(TOY_X0, 1.0)]) for k in (16, 8, 4, 2, 1)]  # 1, 2, 4, 8, 16 jumps
+    assert all(a < b for a, b in zip(bounds, bounds[1:])), bounds  # 0.108, 1.303, 1.802, 2.026, 2.132 nats
+
+
+def test_a_finer_grid_tightens_the_bound_of_the_exact_denoiser(one_thread):
+    """docs/d3pm.md: what holds. With the exact denoiser p(x0^l | visible tokens) of a data
+    distribution, averaged over that distribution, a grid that refines another gives a bound
+    no larger (the bound is a left Riemann sum in ᾱ of the expected loss per masked token, which
+    more context never raises for the true conditionals)."""
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.tensor(list(itertools.product(range(TOY_V), repeat=3)))
+    weights = (3 * torch.randn(len(seqs), generator=g, dtype=torch.float64)).softmax(0)
+
+    def exact(xt):
+        out = torch.empty(*xt.shape, TOY_V)
+        for r, row in enumerate(xt):
+            seen = row != TOY_V
+            consistent = weights * (seqs[:, seen] == row[seen]).all(-1)
+            for pos in range(len(row)):
+                probs = torch.zeros(TOY_V, dtype=torch.float64).index_add_(0, seqs[:, pos], consistent)
+                out[r, pos] = (probs / probs.sum()).clamp_min(1e-30).log()
+        return out
+
+    bounds = [enumerated_bound(k, exact, [(x, float(w)) for x, w in zip(seqs, weights)]) for k in (16, 8, 4, 2, 1)]
+    assert all(a > b for a, b in zip(bounds, bounds[1:])), bounds  # 2.279, 1.976, 1.816, 1.734, 1.692
+    assert bounds[-1] >= -float((weights * weights.log()).sum())  # and still a bound: the entropy is 1.650
 
 
 def mdlm_exact(fam, model, x0: torch.Tensor) -> float:
@@ -225,7 +320,7 @@ def test_hybrid_loss_is_T_times_the_step_term_plus_lambda_ce(one_thread):
     c = Corrupted(x0, p.corrupt(x0, t, g), t, torch.ones_like(x0, dtype=torch.bool))
     where = c.target
     logits = torch.randn(int(where.sum()), V, generator=g)
-    kl, log_x = step_terms(logits, c, where, p, 1, torch.float32)
+    kl, log_x = step_terms(logits, c, where, p, torch.float32)
     ce = -log_x.gather(-1, x0[where][:, None])[:, 0]
     got = fam.objective(logits, c, where, p)
     want = 10 * kl.view(2, 5).sum(-1) + 0.01 * ce.view(2, 5).sum(-1)

@@ -478,8 +478,8 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--mc-samples", type=int, help="diffusion: Monte Carlo time samples per sequence")
     e.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens (0: all)")
     e.add_argument("--batch-size", type=int, help="sequences per network call (default: the run's eval.batch_size)")
-    e.add_argument("--time-stride", type=int, help="d3pm: the bound of the T/K-step model (every K-th step term; "
-                   "default: the run's eval.time_stride)")
+    e.add_argument("--time-stride", type=int, help="d3pm: the bound of the n-step model that sampler.steps=n "
+                   "samples, n = T/K rounded (every K-th step where K divides T; default: the run's eval.time_stride)")
     e.add_argument("--carry", type=float, help="usdm: bound the model whose x_θ = (1 − λ)·softmax + λ·e_{x_t} "
                    "(λ in [0, 1); default 0, the network's own x_θ; docs/uniform.md)")
     e.add_argument("--log-t-share", type=float, help="usdm, mdlm with time conditioning: the share of Monte Carlo "

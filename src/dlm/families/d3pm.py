@@ -7,11 +7,13 @@ or ``process=uniform`` and ``process.steps`` = T (default 1000); objective ``hyb
 
 ``dlm eval`` reports the exact NELBO of the T-step model: the prior term in closed form
 plus every step term, each an expectation over x_t estimated with ``eval.mc_samples`` draws
-of x_t — T network calls per batch and draw. ``eval.time_stride`` = k evaluates the steps
-T, T − k, …, down to 0 instead: the exact NELBO of the coarser model that jumps k steps at a
-time (the one ``sampler.steps`` = T/k samples from). It is a bound on that model's
-likelihood, not an estimate of the T-step one (for absorbing diffusion a finer grid gives
-a bound no larger, as T → ∞ MDLM's continuous-time bound).
+of x_t — T network calls per batch and draw. ``eval.time_stride`` = k evaluates the jumps of
+the grid of n = T/k (rounded) evenly spaced integer times instead (T, T − k, …, 0 where k
+divides T): the exact NELBO of the n-step model, the one ``sampler.steps`` = n samples from.
+It is a bound on that model's likelihood, not an estimate of the T-step one. A finer grid
+gives a bound no larger only where more context never raises the expected loss per masked
+token (the exact denoiser, in expectation over the data); for an arbitrary network nothing
+orders them (docs/d3pm.md).
 
 Time conditioning is on by default, as in D3PM.
 """
@@ -23,6 +25,7 @@ import torch
 from dlm.families.diffusion import DiffusionFamily
 from dlm.objectives import Corrupted
 from dlm.objectives.discrete import D3PMStepTerm
+from dlm.processes.discrete import step_grid, strided_steps
 
 
 class D3PM(DiffusionFamily):
@@ -36,11 +39,18 @@ class D3PM(DiffusionFamily):
     eval_chunk = 1 << 25  # the bound holds a few (N, S) float64 tensors: ≤ 2^25 elements at a time
 
     def make_bound(self):
-        return D3PMStepTerm(stride=self.cfg.eval.time_stride)  # rebuilt by ``nll``: the stride may change
+        return D3PMStepTerm(grid=self.eval_grid())  # rebuilt by ``nll``: the stride may change
+
+    def eval_grid(self) -> torch.Tensor:
+        """The times the bound's jumps go through, T > … > 0: the grid the ancestral sampler
+        walks with ``sampler.steps`` = T/k rounded (``eval.time_stride`` = k; T, T − k, …, 0
+        where k divides T)."""
+        T = self.process.steps
+        return step_grid(T, strided_steps(T, self.cfg.eval.time_stride))
 
     def eval_steps(self) -> list[int]:
-        """The steps whose terms the bound sums: T, T − k, …, > 0 (the last one ends at 0)."""
-        return list(range(self.process.steps, 0, -self.cfg.eval.time_stride))
+        """The steps whose terms the bound sums: every time of the grid but the last, 0."""
+        return self.eval_grid()[:-1].tolist()
 
     @classmethod
     def bound_draws_time(cls, cfg) -> bool:

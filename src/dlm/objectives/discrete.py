@@ -20,14 +20,17 @@ from dlm.settings import setting
 from dlm.objectives.base import Corrupted, Objective, Scored, per_sequence, token_count
 
 
-def step_terms(logits, c: Corrupted, where, process, stride: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def step_terms(logits, c: Corrupted, where, process, dtype, prev: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) KL(q(x_s | x_t, x0) ‖ p_θ(x_s | x_t)) at the ``where`` positions for t = i/T and
-    s = max(i − stride, 0)/T, and the (N, S) log p̃_θ(x0 | x_t) it used."""
+    s = prev[i]/T (``prev``: (T + 1,) the step each jump lands on; None: s = i − 1), and the
+    (N, S) log p̃_θ(x0 | x_t) it used."""
     T = process.steps
     i = (c.t.double() * T).round()  # (B,) the step of each row
+    s = (i - 1).clamp_min(0) if prev is None else prev.to(i.device)[i.long()].double()
     rows = where.nonzero(as_tuple=True)[0]
     alpha_t = process.schedule.alpha(i / T)[rows]
-    alpha_s = process.schedule.alpha((i - stride).clamp_min(0) / T)[rows]
+    alpha_s = process.schedule.alpha(s / T)[rows]
     log_p_x0 = process.log_probs_x0(logits.to(dtype))  # (N, S)
     kl = process.posterior_kl(c.xt[where], c.x0[where], log_p_x0, alpha_t, alpha_s)
     return kl, log_p_x0
@@ -51,7 +54,7 @@ class D3PMHybrid(Objective):
     Settings = HybridSettings
 
     def __call__(self, logits, c, where, process) -> Scored:
-        kl, log_p_x0 = step_terms(logits, c, where, process, 1, torch.float32)
+        kl, log_p_x0 = step_terms(logits, c, where, process, torch.float32)
         nats = process.steps * per_sequence(kl, where)
         if self.settings.ce_weight > 0:
             ce = -log_p_x0.gather(-1, c.x0[where][:, None])[:, 0]
@@ -60,15 +63,19 @@ class D3PMHybrid(Objective):
 
 
 class D3PMStepTerm(Objective):
-    """One term of the T/stride-step NELBO, float64, for ``dlm eval``: the family sums it over
-    the grid of steps (the bound itself, not an estimate of the sum)."""
+    """One term of the NELBO of the model that jumps over ``grid`` (T = i_0 > … > 0, from
+    :func:`dlm.processes.discrete.step_grid`; None: every step), float64, for ``dlm eval``: the
+    family sums it over the grid (the bound itself, not an estimate of the sum)."""
 
     name = "step-term"
 
-    def __init__(self, settings=None, stride: int = 1):
+    def __init__(self, settings=None, grid: torch.Tensor | None = None):
         super().__init__(settings)
-        self.stride = stride
+        self.prev = None
+        if grid is not None:  # prev[i_k] = i_{k+1}: where the jump from each grid time lands
+            self.prev = torch.zeros(int(grid[0]) + 1, dtype=torch.long)
+            self.prev[grid[:-1].cpu()] = grid[1:].cpu()
 
     def __call__(self, logits, c, where, process) -> Scored:
-        kl, _ = step_terms(logits, c, where, process, self.stride, torch.float64)
+        kl, _ = step_terms(logits, c, where, process, torch.float64, self.prev)
         return Scored(per_sequence(kl, where), token_count(c.target))

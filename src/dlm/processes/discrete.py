@@ -44,6 +44,19 @@ class D3PMSettings:
     steps: int = setting(1000, lo=1, hi=1_000_000)  # T, the number of discrete diffusion steps
 
 
+def step_grid(T: int, steps: int, device=None) -> torch.Tensor:
+    """(steps + 1,) integer times T = i_0 > i_1 > … > i_steps = 0, as evenly spaced as integers
+    allow (``steps`` ≤ T): the times the ancestral sampler visits with ``sampler.steps`` = steps,
+    and the jumps whose terms the bound with ``eval.time_stride`` sums (:func:`strided_steps`)."""
+    return torch.linspace(T, 0, steps + 1, device=device, dtype=torch.float64).round().long()
+
+
+def strided_steps(T: int, stride: int) -> int:
+    """The number of jumps ``eval.time_stride`` = K gives a T-step chain: T/K rounded to the
+    nearest integer, halves up (at least 1). Where K divides T the grid is T, T − K, …, 0."""
+    return max(1, (2 * T + stride) // (2 * stride))
+
+
 def _log(x: torch.Tensor) -> torch.Tensor:
     """log x with log 0 = −inf (no warning, no NaN)."""
     return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).log(), torch.full_like(x, -math.inf))

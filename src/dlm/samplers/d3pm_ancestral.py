@@ -7,9 +7,10 @@ every generated position draws
     x_s ~ p_θ(x_s | x_t) ∝ Q_{t|s}[x_s, x_t] · (x̃ Q̄_s)[x_s],   x̃ = p̃_θ(x0 | x_t)
 
 (``DiscreteTime.reverse_log_probs``) with x̃ after temperature / top-k / top-p. With
-``steps`` = T/k this samples from the very model whose NELBO ``dlm eval`` reports with
-``eval.time_stride`` = k. The network runs only where the step depends on it (absorbing:
-the masked positions); clean positions are kept as given.
+``steps`` = T/k rounded to the nearest integer this samples from the very model whose NELBO
+``dlm eval`` reports with ``eval.time_stride`` = k (one ``step_grid`` for both). The network
+runs only where the step depends on it (absorbing: the masked positions); clean positions are
+kept as given.
 """
 
 from __future__ import annotations
@@ -17,13 +18,9 @@ from __future__ import annotations
 import torch
 
 from dlm.errors import DlmError
+from dlm.processes.discrete import step_grid
 from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical, start_from_prior
 from dlm.samplers.masked_ancestral import NetworkCalls, evaluate_rows
-
-
-def step_grid(T: int, steps: int, device) -> torch.Tensor:
-    """(steps + 1,) integer times from T down to 0, as evenly spaced as integers allow."""
-    return torch.linspace(T, 0, steps + 1, device=device, dtype=torch.float64).round().long()
 
 
 class D3PMAncestralSampler(Sampler):
