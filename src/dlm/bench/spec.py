@@ -45,7 +45,7 @@ class CompareSettings:
     infill_rows: int = setting(64, lo=1)  # validation rows per span length
     infill_steps: int = setting(0, lo=0)  # diffusion sampling steps for a span (0: one per span token)
     speed_steps: list[int] = field(default_factory=lambda: [64])  # diffusion steps at which speed is timed
-    speed_repeats: int = setting(2, lo=1)  # timed draws per throughput figure (after one warm-up draw)
+    speed_repeats: int = setting(2, lo=1)  # timed draws per throughput figure at least (after one warm-up; more while quick)
     speed_batches: list[int] = field(default_factory=lambda: [1, 4, 32])  # batch 1: latency; 4: batches/s; 32: tokens/s
     threads: int = setting(1, lo=0)  # torch threads for the whole comparison (0: torch's default); fixed for timing
     eval_seed: int = setting(0, lo=0)  # one noise seed for every model's bound: the same draws of t / masks
