@@ -91,6 +91,18 @@ def load_causal_lm(folder: Path):
     return model.eval()
 
 
+def _untie(module, state: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook: a tensor that shares memory with an earlier entry (tied input and output
+    embeddings: GPT-2, SmolLM2) is saved as a copy — safetensors refuses shared tensors, and
+    loading writes the same values into the one tied parameter twice."""
+    seen = set()
+    for key, value in state.items():
+        ptr = value.untyped_storage().data_ptr() if value.numel() else None
+        if ptr is not None and ptr in seen:
+            state[key] = value.clone()
+        seen.add(ptr)
+
+
 @BACKBONES.register("pretrained")
 class PretrainedCausalLM(Backbone):
     """The :class:`~dlm.backbones.base.Backbone` contract over a transformers causal LM ``hf``
@@ -105,6 +117,8 @@ class PretrainedCausalLM(Backbone):
         self.cfg = PretrainedShape(layers, hidden, vocab_in, vocab_out, causal)
         self.d_model, self.vocab_in, self.vocab_out, self.causal = hidden, vocab_in, vocab_out, causal
         self.time_conditioned = False
+        self._register_state_dict_hook(_untie)
+
 
     @classmethod
     def build(cls, model_cfg, *, vocab_in: int, vocab_out: int, causal: bool, cond_dim: int) -> PretrainedCausalLM:
