@@ -251,7 +251,8 @@ def test_train_eval_sample_through_the_cli(corpus, tmp_path, capsys):
                                               ("process.gamma_max=-7", "wrong order"),
                                               ("process.gamma_min=nan", "process.gamma_min"),
                                               ("sampler=fast-dllm", "fast-dllm"),
-                                              ("eval.log_t_share=0.2", "log_t_share")])
+                                              ("eval.log_t_share=0.2", "log_t_share"),
+                                              ("schedule=cosine", "gamma_min")])
 def test_bad_input_is_one_line(setting, fragment, corpus, tmp_path, capsys):
     code, _, err = run(["train", "--family", "gaussian", "--data", str(corpus), "--out", str(tmp_path / "r"), *TINY,
                         setting], capsys)

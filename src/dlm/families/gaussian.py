@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from dlm.backbones.vector_input import VectorInputTransformer
+from dlm.errors import DlmError
 from dlm.families.base import component_settings
 from dlm.families.diffusion import DiffusionFamily
 from dlm.objectives import Corrupted
@@ -35,6 +36,9 @@ class GaussianDiffusion(DiffusionFamily):
     @classmethod
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
+        if cfg.schedule != "loglinear":  # the default, which this process does not read
+            raise DlmError(f"schedule '{cfg.schedule}' is α_t of the discrete processes; gaussian's noise follows "
+                           f"its log-SNR between process.gamma_min and process.gamma_max: drop it")
         _, settings = component_settings(cls.processes, cfg.process, cls.default_process, "process")
         check_end_points(settings)
 
