@@ -48,3 +48,26 @@ def test_old_runs_evaluate_sample_and_resume(old_runs, family, capsys):
     code, _, err = run(["train", "--out", str(out), "--resume", "--steps", "5", "--quiet"], capsys)
     assert code == 0, err
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+
+
+def test_a_text_run_from_before_sft_length_reads_as_the_default(tmp_path, capsys):
+    """data.sft_length has no effect on text blocks: a text run folder without the key reads as
+    the default, so a comparison (or anything that plans the default) finds nothing changed;
+    a folder whose data is unknown or prompt/response rows reads as 'model' (test_first_use)."""
+    import yaml
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("".join(f"To be, or not to be, that is the question {i}.\n" for i in range(200)))
+    out = tmp_path / "run"
+    code, _, err = run(["train", "--family", "mdlm", "--data", str(corpus), "--out", str(out), "--steps", "1",
+                        "--size", "tiny", "--seq-len", "32", "--batch-size", "2", "--tokenizer", "char", "--quiet"],
+                       capsys)
+    assert code == 0, err
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["data"].pop("sft_length")
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert read_run_config(out).data.sft_length == "batch"
+    marker = json.loads((out / "dlm-run.json").read_text())
+    marker.pop("data_identity")  # a folder that does not say what it trained on: assume it mattered
+    (out / "dlm-run.json").write_text(json.dumps(marker))
+    assert read_run_config(out).data.sft_length == "model"
