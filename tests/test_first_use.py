@@ -259,3 +259,24 @@ def test_sft_length_bad_values(sft, value, fragment, tmp_path, capsys):
     one_line_error(*run(["train", "--init-from", str(sft["base"]), "--data", str(sft["pairs"]), "--out", str(out),
                          "--steps", "1", f"data.sft_length={value}"], capsys)[::2], "data.sft_length", fragment)
     assert not out.exists()
+
+
+def test_a_batch_run_answers_in_rows_as_long_as_it_trained_on(sft, capsys):
+    """A data.sft_length=batch run never saw the positions after its longest training row: its
+    answers are drawn in rows of that length (a model run's in rows of seq_len)."""
+    from dlm.data import prepare_data
+    from dlm.runs import load_run
+    from dlm.service import answer_rows
+
+    loaded = load_run(sft["batch"], "cpu")
+    longest = int(prepare_data(loaded.cfg.data, loaded.tokenizer).lengths("train").max())
+    assert longest < 32
+    for mode, width in (("batch", longest), ("model", 32)):
+        code, out, err = run(["sample", str(sft[mode]), "--prompt", "To be 3, ", "--num", "1", "--steps", "4",
+                              "--json"], capsys)
+        assert code == 0 and json.loads(out)["length"] == width, (mode, err)
+        rows, clean = answer_rows(load_run(sft[mode], "cpu"), None, "val", 3)  # what dlm eval --answers answers
+        assert rows.shape == clean.shape == (3, width)
+    code, out, err = run(["sample", str(sft["batch"]), "--prompt", "To be 3, ", "--length", "32", "--num", "1",
+                          "--steps", "4", "--json"], capsys)
+    assert code == 0 and json.loads(out)["length"] == 32  # --length still decides

@@ -144,6 +144,7 @@ def test_sample_keeps_the_prompt_and_stops_at_end_of_text(family, tuned, capsys)
     import torch
 
     from dlm.service import generate, sampler_settings
+    from dlm.service.training import answer_width
 
     r = load_run(tuned[family], "cpu")
     assert r.cfg.family == family and r.cfg.train.init_from and r.cfg.data.data.endswith("pairs.jsonl")
@@ -153,7 +154,8 @@ def test_sample_keeps_the_prompt_and_stops_at_end_of_text(family, tuned, capsys)
     assert code == 0, err
     texts = json.loads(stdout)["samples"]
     ids = torch.as_tensor(r.tokenizer.encode(prompt))
-    tokens, _, _ = generate(r, 6, r.cfg.data.seq_len, ids, sampler_settings(r, 16, 1.5), 3)
+    # in rows as long as the longest training row (data.sft_length=batch; ar: seq_len, its own rows)
+    tokens, _, _ = generate(r, 6, answer_width(r, len(ids)), ids, sampler_settings(r, 16, 1.5), 3)
     eos, n = r.tokenizer.eos_id, len(ids)
     for text, row in zip(texts, tokens.tolist()):
         assert row[:n] == ids.tolist() and text.startswith(prompt)

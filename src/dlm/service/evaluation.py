@@ -17,6 +17,7 @@ from dlm.errors import DlmError
 from dlm.evaluate import (answer_accuracy, evaluate_likelihood, generative_perplexity, sample_documents,
                           sample_entropy, select_rows)
 from dlm.service.sampling import generate
+from dlm.service.training import answer_width
 
 
 def configure_bound(run, log_t_share: float | None = None, time_stride: int | None = None,
@@ -148,7 +149,8 @@ def answer_rows(run, data: str | None, split: str, num: int) -> tuple[np.ndarray
         raise DlmError(f"--answers needs a run fine-tuned on prompt/response pairs (or --data pairs); "
                        f"'{spec}' is plain text")
     rows, clean = prepare_data(dataclasses.replace(run.cfg.data, data=spec), run.tokenizer).rows(split, run.cfg.data.seq_len)
-    return rows[:num], clean[:num]
+    width = answer_width(run, int(clean[:num].sum(1).max()))  # a data.sft_length=batch run: its longest training row
+    return rows[:num, :width], clean[:num, :width]
 
 
 def answer_quality(run, answer_rows: tuple[np.ndarray, np.ndarray], settings, batch: int, seed: int) -> dict:

@@ -16,6 +16,7 @@ from dlm.device import autocast, generator
 from dlm.errors import DlmError
 from dlm.infill import parse_template
 from dlm.samplers.base import recording
+from dlm.service.training import answer_width
 from dlm.trace import check_trace_path, save_trace
 
 
@@ -130,7 +131,8 @@ def sample_run(run, num: int = 4, steps: int | None = None, length: int | None =
                 raise DlmError("--infill gives the whole sequence: drop --prompt and --length")
             texts, nfe, seconds, length = _infill(run, infill, num, settings, seed)
         else:
-            length = cfg.data.seq_len if length is None else length
+            if length is None:  # answers of a data.sft_length=batch run: in rows as long as its longest training row
+                length = answer_width(run, len(run.tokenizer.encode(prompt))) if prompt else cfg.data.seq_len
             texts, nfe, seconds = _continue(run, num, length, prompt, settings, seed)
     if trace is not None:
         save_trace(trace, frames, run.tokenizer, prompt, infill, cfg.data.seq_len,

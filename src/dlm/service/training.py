@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dlm.checkpoint import latest_checkpoint, read_run_config
+from dlm.data import is_pairs_data, prepare_data
 from dlm.config import finalize, from_dict, load_yaml, migrate, nest, parse_override, resolve_config_path
 from dlm.errors import DlmError
 from dlm.schema import RunConfig
@@ -98,3 +99,19 @@ def init_from_config(source: Path, config: str | None = None, overrides: list[st
         apply_dict(cfg, migrate(nest(key, value)))
     cfg.train.init_from = str(source)
     return finalize(cfg)
+
+
+def answer_width(run, prompt_len: int = 0) -> int:
+    """The row an answer of ``run`` is generated in: a run fine-tuned with
+    ``data.sft_length=batch`` on pairs saw rows no longer than its longest training row (prompt,
+    response, one end-of-text), never the positions after it, so it answers in rows of that
+    length (at least ``prompt_len`` + 1, at most seq_len); any other run in rows of seq_len, as
+    does a run whose training data can no longer be read."""
+    cfg = run.cfg
+    try:
+        if cfg.data.sft_length != "batch" or not is_pairs_data(cfg.data.data):
+            return cfg.data.seq_len
+        longest = int(prepare_data(cfg.data, run.tokenizer).lengths("train").max())
+    except DlmError:  # the training data moved or is offline
+        return cfg.data.seq_len
+    return min(cfg.data.seq_len, max(longest, prompt_len + 1))
