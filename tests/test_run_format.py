@@ -67,7 +67,6 @@ def test_a_text_run_from_before_sft_length_reads_as_the_default(tmp_path, capsys
     config["data"].pop("sft_length")
     (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     assert read_run_config(out).data.sft_length == "batch"
-    marker = json.loads((out / "dlm-run.json").read_text())
-    marker.pop("data_identity")  # a folder that does not say what it trained on: assume it mattered
-    (out / "dlm-run.json").write_text(json.dumps(marker))
+    config["data"]["data"] = str(tmp_path / "gone.jsonl")  # data that may have been pairs: assume it mattered
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     assert read_run_config(out).data.sft_length == "model"

@@ -132,13 +132,26 @@ def read_run_config(path: Path) -> RunConfig:
         found = marker.get("format") if isinstance(marker, dict) else None
         raise DlmError(f"{path} was written in format {found!r}; this dlm reads {', '.join(READABLE_FORMATS)}")
     config = load_yaml(path / "config.yaml")
-    identity = str(marker.get("data_identity") or "pairs?")  # (unknown: assume the setting mattered)
-    if isinstance(config.get("data"), dict) and identity.startswith("pairs"):
+    if isinstance(config.get("data"), dict) and _maybe_pairs(config["data"].get("data", "shakespeare")):
         # prompt/response runs from before data.sft_length filled every row to seq_len; on text
         # blocks the setting has no effect, so such a run reads as the default (a comparison or
         # a resume that plans the default then finds nothing changed)
         config["data"].setdefault("sft_length", "model")
     return from_dict(config)
+
+
+def _maybe_pairs(spec) -> bool:
+    """Whether a run's data may have been prompt/response rows; unknown counts as yes (a Hugging
+    Face dataset is not loaded to find out, a .jsonl file that is gone may have held pairs).
+    (A run's ``data_identity`` is a hash: it cannot say.)"""
+    from dlm.data import is_pairs_data
+
+    if not isinstance(spec, str) or spec.startswith("hf:") or (spec.endswith(".jsonl") and not Path(spec).is_file()):
+        return True
+    try:
+        return is_pairs_data(spec)
+    except DlmError:
+        return True
 
 
 @dataclass
