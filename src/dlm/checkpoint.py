@@ -132,11 +132,12 @@ def read_run_config(path: Path) -> RunConfig:
         found = marker.get("format") if isinstance(marker, dict) else None
         raise DlmError(f"{path} was written in format {found!r}; this dlm reads {', '.join(READABLE_FORMATS)}")
     config = load_yaml(path / "config.yaml")
-    if isinstance(config.get("data"), dict) and _maybe_pairs(config["data"].get("data", "shakespeare")):
+    data = config.get("data")
+    if isinstance(data, dict) and "sft_length" not in data and _maybe_pairs(data.get("data", "shakespeare")):
         # prompt/response runs from before data.sft_length filled every row to seq_len; on text
         # blocks the setting has no effect, so such a run reads as the default (a comparison or
         # a resume that plans the default then finds nothing changed)
-        config["data"].setdefault("sft_length", "model")
+        data["sft_length"] = "model"
     return from_dict(config)
 
 
