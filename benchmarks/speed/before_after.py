@@ -8,7 +8,8 @@ interleaved (before, after, before, after …) in fresh one-thread processes.
   batch 32, 12 steps logged every 3; steady state: the median of the windows after the
   first), tokens/s;
 * samples/s of the AR sampler (KV cache), masked ancestral and Fast-dLLM at 128 tokens,
-  batch 1 and 16, from a tiny run trained once by AFTER's code (both commits read it).
+  batch 1 and 16, from the first tiny run each commit trained (a run folder of the newer code
+  holds config keys the older one does not read).
 
 Writes ``before_after.json`` beside this file.
 """
@@ -73,10 +74,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dlm-ba-") as d:
         work = Path(d)
         srcs = {"before": extract(before, work / "before"), "after": extract(after, work / "after")}
-        runs = {}
-        for family in ("ar", "mdlm"):  # run folders to sample from (and the tokenizer's cache warmed)
-            runs[family] = work / f"sample-{family}"
-            train_rate(srcs["after"], family, runs[family])
+        run(srcs["after"], ["-m", "dlm", "train", "--size", "tiny", *DATA, "--steps", "1", "--out",
+                            str(work / "warm"), "--quiet"])  # the tokenizer's cache, before any timing
         for rep in range(repeats):
             for family in ("ar", "mdlm"):
                 for which, src in srcs.items():
@@ -86,7 +85,8 @@ def main() -> None:
                     print(f"[{rep}] train {family} {which:6s} {rate:8,.0f} tokens/s  load {load:.1f}", flush=True)
             for family, samplers in (("ar", "ancestral"), ("mdlm", "ancestral,fast-dllm")):
                 for which, src in srcs.items():
-                    out = json.loads(run(src, ["-c", SAMPLE, str(runs[family]), samplers]).strip().splitlines()[-1])
+                    folder = work / f"{which}-{family}-0"  # each code samples from its own run (config keys differ)
+                    out = json.loads(run(src, ["-c", SAMPLE, str(folder), samplers]).strip().splitlines()[-1])
                     for key, v in out.items():
                         rows.setdefault(f"sample {family} {key}", {}).setdefault(which, []).append(v["samples_per_s"])
                         print(f"[{rep}] sample {family} {key:16s} {which:6s} {v['samples_per_s']:8.2f} samples/s",

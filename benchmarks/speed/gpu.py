@@ -130,7 +130,7 @@ def child_anchor(size: str, seq_len: int, batch: int, steps: int) -> dict:
 
     def loss_fn(x, y):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            return F.cross_entropy(model(x).view(-1, V), y.view(-1))
+            return F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1))  # logits sliced off the padding
 
     step_loss = torch.compile(loss_fn)
     gen = torch.Generator(device=device).manual_seed(0)
