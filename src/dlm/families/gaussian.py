@@ -57,6 +57,7 @@ class GaussianDiffusion(DiffusionFamily):
                 "gamma_min": s.gamma_min, "gamma_max": s.gamma_max, "embed_dim": s.embed_dim}
 
     def build_model(self):
+        self.process.reset_parameters()  # drawn with the network, under the same seed
         model = VectorInputTransformer.build(self.cfg.model, vocab_in=self.input_vocab_size, vocab_out=self.vocab_size,
                                              causal=False, cond_dim=self.cfg.model.cond_dim if self.time_conditioned
                                              else 0)

@@ -60,9 +60,14 @@ class GaussianProcess(Process):
     def __init__(self, vocab_size, schedule, settings=None):
         super().__init__(vocab_size, schedule, settings)
         check_end_points(self.settings)
-        # Plaid initialises the matrix with N(0, 1) entries normalised per row; drawn from the global
-        # RNG like the network's weights, so the family's seed sets it
-        self.embedding = nn.Parameter(torch.randn(vocab_size, self.settings.embed_dim))
+        self.embedding = nn.Parameter(torch.empty(vocab_size, self.settings.embed_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Plaid's initialisation: N(0, 1) entries (normalised per row when used), from the global
+        RNG like the network's weights (the family draws them again when it builds the model)."""
+        with torch.no_grad():
+            self.embedding.normal_()
 
     @property
     def embed_dim(self) -> int:
