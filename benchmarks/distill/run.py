@@ -1,9 +1,9 @@
 """Few-step students against their teacher and AR: Gen PPL and entropy under the judge against
 wall time, 128 tokens, batch 1 and 16 (``benchmarks/distill/README.md``).
 
-    nice -n 5 python benchmarks/distill/run.py                  # ~30 min on 2 shared CPU cores
+    nice -n 5 python benchmarks/distill/run.py                  # ~30-40 min on 2 shared CPU cores
     python benchmarks/distill/run.py --teacher-steps 20 --ar-steps 20 --steps-per-round 5 --rounds 2 \\
-        --samples 2 --teacher-grid 8,16 --work /tmp/dd-smoke --out /tmp/dd-smoke/results.json   # smoke
+        --samples-b1 2 --teacher-grid 8,16 --work /tmp/dd-smoke --out /tmp/dd-smoke/results.json   # smoke
 
 Trains (or reuses, when already finished in --work) a tiny MDLM teacher and a tiny AR model with
 the same data, tokenizer and budget, distils the teacher with SDTT (``dlm distill``: start_steps
