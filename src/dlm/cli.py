@@ -577,27 +577,6 @@ def _add_bench_parser(sub) -> None:
     bc.set_defaults(func=cmd_bench_compare)
 
 
-def cmd_export(args) -> int:
-    """``dlm export RUN OUT``: the run as a Hugging Face model folder (dlm.export)."""
-    from dlm.export import export_run
-
-    result = export_run(Path(args.run), Path(args.out), use_ema=not args.no_ema)
-    print(json.dumps(result) if args.json else f"exported {args.run} (step {result['step']}) to {args.out}: "
-          f"{', '.join(result['files'])}")
-    return 0
-
-
-def _add_export_parser(sub) -> None:
-    """``dlm export RUN OUT``."""
-    x = sub.add_parser("export", help="write a run as a Hugging Face model folder (transformers loads it with "
-                       "trust_remote_code=True; dlm eval / sample read it back)")
-    x.add_argument("run")
-    x.add_argument("out", help="the folder to create (new, or empty)")
-    x.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
-    x.add_argument("--json", action="store_true")
-    x.set_defaults(func=cmd_export)
-
-
 def cmd_distill(args) -> int:
     from dlm.service.distillation import distill
 
@@ -639,6 +618,27 @@ def _add_distill_parser(sub) -> None:
     d.add_argument("--json", action="store_true")
     d.add_argument("overrides", nargs="*", help="key=value settings, e.g. distill.divergence=tvd train.lr=1e-4")
     d.set_defaults(func=cmd_distill)
+
+
+def cmd_export(args) -> int:
+    """``dlm export RUN OUT``: the run as a Hugging Face model folder (dlm.export)."""
+    from dlm.export import export_run
+
+    result = export_run(Path(args.run), Path(args.out), use_ema=not args.no_ema)
+    print(json.dumps(result) if args.json else f"exported {args.run} (step {result['step']}) to {args.out}: "
+          f"{', '.join(result['files'])}")
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    """``dlm export RUN OUT``."""
+    x = sub.add_parser("export", help="write a run as a Hugging Face model folder (transformers loads it with "
+                       "trust_remote_code=True; dlm eval / sample read it back)")
+    x.add_argument("run")
+    x.add_argument("out", help="the folder to create (new, or empty)")
+    x.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_export)
 
 
 def main(argv: list[str] | None = None) -> int:
