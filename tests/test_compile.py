@@ -152,9 +152,12 @@ def test_compiled_blocks_under_two_processes_follow_one_eager(parallel, corpus, 
 def test_no_compiler_is_one_line_and_no_run_folder(corpus, tmp_path, capsys, monkeypatch):
     import torch._inductor.config as inductor_config
 
-    # as on a machine without g++: inductor's CPU kernels cannot be built
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    # as on a machine without g++: inductor's CPU kernels cannot be built. (inductor's own patch,
+    # not monkeypatch: undoing a monkeypatch deletes the key from the config, and every later
+    # compile in the session then fails with "torch._inductor.config.cpp.cxx does not exist")
     out = tmp_path / "r"
-    code, _, err = run(["train", "--data", str(corpus), "--out", str(out), "--steps", "2", *TINY, "--compile"], capsys)
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+        code, _, err = run(["train", "--data", str(corpus), "--out", str(out), "--steps", "2", *TINY, "--compile"],
+                           capsys)
     one_line_error(code, err, "--compile", "C++ compiler")
     assert not out.exists()

@@ -196,6 +196,8 @@ def test_a_missing_gguf_is_one_line(monkeypatch, tmp_path, capsys):
 
     missing = dataclasses.replace(judge.JUDGES["smollm2-135m"], package="no_such_llm_package")
     monkeypatch.setitem(judge.JUDGES, "smollm2-135m", missing)
+    # an empty cache: a conversion made by an earlier test (test_judge) would need no GGUF at all
+    monkeypatch.setenv("DLM_CACHE", str(tmp_path / "cache"))
     code, _, err = run(["train", "--init-from", "smollm2-135m", "--out", str(tmp_path / "out"), "--steps", "1"], capsys)
     one_line_error(code, err, "no_such_llm_package")
     assert not (tmp_path / "out").exists()

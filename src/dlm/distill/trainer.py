@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
+from dlm.checkpoint import has_checkpoint, read_run_config
 from dlm.distill.methods import DISTILLERS
+from dlm.errors import DlmError
 from dlm.trainer import Trainer
 from dlm.trainer.checkpointer import Checkpointer
 from dlm.trainer.setup import load_init_weights
@@ -40,9 +42,22 @@ class DistillCheckpointer(Checkpointer):
         return out
 
 
+def check_teacher(teacher: Path, family: str) -> None:
+    """The teacher is a trained run of the student's family (before any data is read)."""
+    try:
+        src = read_run_config(teacher)
+    except DlmError as e:
+        raise DlmError(f"distill.teacher: {e}") from None
+    if src.family != family:
+        raise DlmError(f"distill.teacher {teacher} is a '{src.family}' run; this student is '{family}'")
+    if not has_checkpoint(teacher):
+        raise DlmError(f"distill.teacher {teacher} has no checkpoint to distil from")
+
+
 class DistillTrainer(Trainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, cfg, *args, **kwargs):
+        check_teacher(Path(cfg.distill.teacher), cfg.family)
+        super().__init__(cfg, *args, **kwargs)
         self.checkpointer = DistillCheckpointer(self.checkpointer, self)
 
     def _build_model(self, init_from: Path | None) -> None:

@@ -40,8 +40,8 @@ from dlm.settings import setting
 @dataclass
 class GaussianSettings:
     embed_dim: int = setting(16, lo=1)  # C: width of the learned, unit-norm token embeddings (Plaid: 16)
-    gamma_min: float = setting(-6.0)  # γ(0) = −log SNR at t = 0, the least noise (VDM: −13.3)
-    gamma_max: float = setting(6.0)  # γ(1) = −log SNR at t = 1, the most noise (VDM: 5)
+    gamma_min: float = setting(-6.0, lo=-30, hi=30)  # γ(0) = −log SNR at t = 0, the least noise (VDM: −13.3)
+    gamma_max: float = setting(6.0, lo=-30, hi=30)  # γ(1) = −log SNR at t = 1, the most noise (VDM: 5)
 
 
 def check_end_points(settings: GaussianSettings) -> None:
