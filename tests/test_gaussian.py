@@ -264,18 +264,10 @@ def test_bad_input_is_one_line(setting, fragment, corpus, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_bound_is_not_below_the_entropy_rate_of_a_markov_source(tmp_path, capsys):
-    from test_known_entropy import K, markov_chain, sample_text
+    from test_known_entropy import K, chain_file, train_and_bound
 
-    P, pi, H = markov_chain()
-    path = tmp_path / "chain.txt"
-    path.write_text(sample_text(P, pi, 240_000))
-    out = tmp_path / "gaussian"
-    code = run(["train", "--family", "gaussian", "--data", str(path), "--tokenizer", "char", "--size", "tiny",
-                "--seq-len", "64", "--batch-size", "32", "--steps", "150", "--lr", "3e-3", "--seed", "0",
-                "--out", str(out), "--quiet", "train.warmup_steps=20"], capsys)[0]
-    assert code == 0
-    code, text, _ = run(["eval", str(out), "--json", "--max-tokens", "0", "--mc-samples", "4"], capsys)
-    r = json.loads(text)
+    path, H = chain_file(tmp_path)
+    r = train_and_bound(path, tmp_path / "gaussian", "gaussian", 150, 4, [], capsys)
     assert r["tokens"] >= 10_000
     assert r["nll"] > H - 3 * r["stderr"] - 0.01, (r["nll"], H, r["stderr"])
     assert r["nll"] < math.log(K) + 1.0, (r["nll"], H)  # it learned something (see docs/gaussian.md for the figures)
