@@ -175,8 +175,9 @@ class Family(ABC):
         rows = self.cfg.train.loss_chunk_rows
         t = t if self.time_conditioned else None
         if torch.is_grad_enabled() and objective.one_pass() and self.static_shapes(x.device):
-            if objective.token_weights(c, where, process) is not None:
-                return model(x, t, pad=pad, head_fn=partial(dense_score, objective, c, where, process, rows,
+            weighted = objective.token_weights(c, where, process)  # None: not a weighted cross-entropy
+            if weighted is not None:
+                return model(x, t, pad=pad, head_fn=partial(dense_score, weighted, c, rows,
                                                             compiled=self.cfg.train.compile))
         if rows and torch.is_grad_enabled() and objective.one_pass():
             return model(x, t, score_mask=where, pad=pad,

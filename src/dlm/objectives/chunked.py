@@ -41,16 +41,17 @@ def chunked_score(objective: Objective, c: Corrupted, where: torch.Tensor, proce
     return Scored(torch.cat(nats), torch.cat(counts))
 
 
-def dense_score(objective: Objective, c: Corrupted, where: torch.Tensor, process, rows: int, head, h,
+def dense_score(weighted: tuple[torch.Tensor, torch.Tensor], c: Corrupted, rows: int, head, h,
                 compiled: bool = False):
-    """Scored of a weighted cross-entropy objective (``Objective.token_weights``) from hidden
+    """Scored of a weighted cross-entropy objective, ``weighted`` = its
+    ``Objective.token_weights`` ((B, L) weights, (B,) count), from hidden
     states h (B, L, C) at *every* position, the weights zero where nothing is scored: static
     shapes, no boolean gather and no host synchronisation, at the price of the output layer
     at the unscored positions too (none for AR on packed text; for MDLM the unmasked ones).
     ``rows`` > 0: that many sequences at a time under activation checkpointing, as
     :func:`chunked_score` (a ``head_fn`` for ``Transformer.forward``). ``compiled`` (``train.compile``):
     the head and its loss as one ``torch.compile``d function (whole batches; chunks stay eager)."""
-    weights, count = objective.token_weights(c, where, process)
+    weights, count = weighted
     if compiled and not rows:
         return Scored(compiled_weighted_ce()(head, h, c.x0, weights), count)
     B = h.shape[0]
