@@ -201,3 +201,45 @@ def test_a_missing_gguf_is_one_line(monkeypatch, tmp_path, capsys):
     code, _, err = run(["train", "--init-from", "smollm2-135m", "--out", str(tmp_path / "out"), "--steps", "1"], capsys)
     one_line_error(code, err, "no_such_llm_package")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_of_no_steps_is_the_pretrained_model_and_evaluates_to_transformers_nll(folders, tmp_path, capsys):
+    """``--steps 0``: the run holds the model unchanged, and ``dlm eval`` gives the exact NLL
+    transformers alone computes on the same validation tokens (end-of-text as the first context)."""
+    from dlm.data import prepare_data
+    from dlm.evaluate import select_rows
+    from dlm.runs import load_run
+
+    corpus, out = tmp_path / "text.txt", tmp_path / "r"
+    corpus.write_text("".join(f"To be, or not to be, that is the question {i}.\n" for i in range(200)))
+    code, _, err = run(["train", "--init-from", f"hf:{folders['llama']}", "--family", "ar", "--steps", "0",
+                        "--data", str(corpus), "--seq-len", "16", "--quiet", "--out", str(out)], capsys)
+    assert code == 0, err
+    code, text, err = run(["eval", str(out), "--max-tokens", "0", "--json"], capsys)
+    assert code == 0, err
+    ev = json.loads(text)
+    loaded, ref = load_run(out, "cpu"), reference(folders["llama"])
+    for name, p in ref.state_dict().items():
+        assert torch.equal(loaded.model.hf.state_dict()[name], p), name
+    rows, _ = prepare_data(loaded.cfg.data, loaded.tokenizer).rows("val", 16)
+    x0 = torch.from_numpy(rows[select_rows(rows, 0)]).long()
+    with torch.no_grad():
+        inputs = torch.cat([torch.full_like(x0[:, :1], V - 1), x0[:, :-1]], dim=1)
+        logits = ref(inputs).logits
+        nats = F.cross_entropy(logits.double().transpose(1, 2), x0, reduction="sum")
+    assert ev["step"] == 0 and not ev["bound"] and ev["tokens"] == x0.numel()
+    assert ev["nll"] == pytest.approx(float(nats) / x0.numel(), rel=1e-6)
+
+
+def test_steps_zero_without_init_from_is_a_run_of_the_initialisation_and_negative_is_one_line(tmp_path, capsys):
+    from dlm.runs import load_run
+    from helpers import TINY
+
+    out = tmp_path / "init"
+    code, text, err = run(["train", "--family", "mdlm", "--steps", "0", "--out", str(out), "--json", *TINY], capsys)
+    assert code == 0, err
+    assert json.loads(text)["step"] == 0 and json.loads(text)["loss"] is None  # strict JSON: no NaN
+    assert load_run(out, "cpu").step == 0
+    code, _, err = run(["train", "--family", "mdlm", "--steps", "-1", "--out", str(tmp_path / "neg"), *TINY], capsys)
+    one_line_error(code, err, "train.steps", "≥ 0")
+    assert not (tmp_path / "neg").exists()

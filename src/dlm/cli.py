@@ -65,7 +65,7 @@ def cmd_train(args) -> int:
     summary = {
         "run": str(out),
         "step": result.step,
-        "loss": result.loss,
+        "loss": result.loss if result.loss == result.loss else None,  # NaN (no step this session): null
         "tokens_per_s": round(result.tokens_per_s, 1),
         "elapsed_s": round(result.elapsed_s, 1),
         "params": result.params,
@@ -452,7 +452,8 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--seq-len", type=int, help="tokens per training sequence (data.seq_len, default 128)")
     t.add_argument("--batch-size", type=int, help="sequences per micro-batch and rank (train.batch_size, default 32)")
     t.add_argument("--grad-accum", type=int, help="micro-batches per optimiser step (train.grad_accum, default 1)")
-    t.add_argument("--steps", type=int, help="optimiser steps (train.steps, default 500)")
+    t.add_argument("--steps", type=int, help="optimiser steps (train.steps, default 500; 0: a run of "
+                   "the initial model, e.g. a pretrained one as it is)")
     t.add_argument("--lr", type=float, help="peak learning rate (train.lr, default 1e-3)")
     t.add_argument("--seed", type=int, help="seed of the weights, the data order and the noise (train.seed, default 0)")
     t.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N | mps")

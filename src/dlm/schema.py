@@ -56,7 +56,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = setting(500, lo=1)
+    steps: int = setting(500, lo=0)  # 0: a run of the initialisation (the pretrained model as it is)
     batch_size: int = setting(32, lo=1)
     grad_accum: int = setting(1, lo=1)  # micro-batches per optimiser step; batch_size is per micro-batch
     lr: float = setting(1e-3, **POSITIVE)
