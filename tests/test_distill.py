@@ -231,3 +231,16 @@ def test_resume_of_a_run_that_is_no_distillation_or_of_another_teacher(teachers,
     one_line_error(code, err, "not a distillation")
     code, _, err = run(["distill", str(teachers["usdm"]), "--out", str(students["mdlm"]), "--resume"], capsys)
     one_line_error(code, err, "is a student of")
+
+
+@pytest.mark.parametrize("how", ["fresh", "init-from"])
+@pytest.mark.parametrize("setting", ["teacher", "rounds=2"])
+def test_dlm_train_leaves_distillation_to_dlm_distill(teachers, corpus, tmp_path, capsys, how, setting):
+    """A hand-set distill.teacher (or any distill.* setting) in dlm train would skip dlm distill's
+    set-up (train.steps = rounds × steps per round, the student's sampling steps): one line, exit 2."""
+    out = tmp_path / "run"
+    override = f"distill.teacher={teachers['mdlm']}" if setting == "teacher" else f"distill.{setting}"
+    start = ["--init-from", str(teachers["mdlm"])] if how == "init-from" else ["--family", "mdlm", *TINY]
+    code, _, err = run(["train", "--data", str(corpus), "--steps", "2", "--out", str(out), *start, override], capsys)
+    one_line_error(code, err, "dlm distill TEACHER --out DIR")
+    assert not out.exists()

@@ -59,6 +59,9 @@ def cmd_train(args) -> int:
         cfg = init_from_config(Path(args.init_from), args.config, args.overrides, flags)
     else:
         cfg = build_config(args.config, args.overrides, flags)
+    if not args.resume and cfg.distill != type(cfg.distill)():  # a student's rounds and steps are dlm distill's
+        raise DlmError("distill.* settings are dlm distill's: run `dlm distill TEACHER --out DIR` "
+                       "(it sets the rounds' training and sampling steps), not dlm train")
     result = train(cfg, out, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports
