@@ -243,3 +243,53 @@ def test_steps_zero_without_init_from_is_a_run_of_the_initialisation_and_negativ
     code, _, err = run(["train", "--family", "mdlm", "--steps", "-1", "--out", str(tmp_path / "neg"), *TINY], capsys)
     one_line_error(code, err, "train.steps", "≥ 0")
     assert not (tmp_path / "neg").exists()
+
+
+def corpus_file(tmp_path):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("".join(f"To be, or not to be, that is the question {i}.\n" for i in range(200)))
+    return corpus
+
+
+def test_a_pretrained_run_keeps_its_architecture_and_needs_no_folder(folders, tmp_path, capsys):
+    """RUN/pretrained holds the model's config and tokenizer files (no weights): eval, sample and
+    --resume work after the Hugging Face folder is gone; a run folder without that copy (as the
+    code before it wrote them) still loads from the folder."""
+    from dlm.backbones.pretrained import has_weights
+
+    src, out = tmp_path / "model", tmp_path / "run"
+    shutil.copytree(folders["llama"], src)
+    code, _, err = run(["train", "--init-from", f"hf:{src}", "--family", "mdlm", "--steps", "2", "--data",
+                        str(corpus_file(tmp_path)), "--seq-len", "16", "--batch-size", "4", "--quiet", "--out",
+                        str(out)], capsys)
+    assert code == 0, err
+    arch = out / "pretrained"
+    assert (arch / "config.json").read_text() == (src / "config.json").read_text() and not has_weights(arch)
+    transformers.AutoTokenizer.from_pretrained(arch)  # a tokenizer transformers reads
+
+    def ev(path):
+        code, text, err = run(["eval", str(path), "--max-tokens", "64", "--mc-samples", "1", "--json"], capsys)
+        return code, (json.loads(text)["nll"] if code == 0 else err)
+
+    before = ev(out)
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    shutil.rmtree(old / "pretrained")  # the layout of the runs written before RUN/pretrained
+    assert ev(old) == before
+    shutil.rmtree(src)
+    assert ev(out) == before
+    code, _, err = run(["sample", str(out), "--num", "1", "--steps", "2", "--length", "8"], capsys)
+    assert code == 0, err
+    code, _, err = run(["train", "--out", str(out), "--resume", "--steps", "3", "--quiet"], capsys)
+    assert code == 0, err
+    code, err = ev(old)  # an old run whose folder is gone: one line
+    one_line_error(code, err, "model")
+
+
+def test_a_folder_without_weights_is_refused_for_init_from(folders, tmp_path, capsys):
+    arch = tmp_path / "arch"
+    arch.mkdir()
+    shutil.copy(folders["gpt2"] / "config.json", arch / "config.json")
+    code, _, err = run(["train", "--init-from", f"hf:{arch}", "--out", str(tmp_path / "out"), "--steps", "1"], capsys)
+    one_line_error(code, err, "no weights")
+    assert not (tmp_path / "out").exists()

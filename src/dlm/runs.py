@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from dlm.backbones.pretrained import with_run_architecture
 from dlm.checkpoint import MARKER, is_run_dir, load_checkpoint, load_weights, read_run_config, run_family
 from dlm.config import RunConfig, load_yaml
 from dlm.data import Tokenizer, load_tokenizer
@@ -87,7 +88,7 @@ def load_run(path: Path, device: str = "auto", use_ema: bool = True) -> LoadedRu
     if tokenizer.kind != cfg.data.tokenizer:
         raise DlmError(f"{tok_path} is a '{tokenizer.kind}' tokenizer but the run was trained with '{cfg.data.tokenizer}'")
     ckpt = load_checkpoint(path, with_trainer=False)
-    family = FAMILIES.get(cfg.family)(cfg, tokenizer.vocab_size, tokenizer.eos_id)
+    family = FAMILIES.get(cfg.family)(with_run_architecture(cfg, path), tokenizer.vocab_size, tokenizer.eos_id)
     model = family.build_model()
     embed = ckpt.model.get("embed.weight")
     if embed is not None and embed.shape[0] != family.input_vocab_size:

@@ -12,12 +12,18 @@ GPT-2, SmolLM…), its tokenizer becoming the run's.
   position i is read where the AR model predicts token i, at position i − 1 (position 0
   reads its own). Time conditioning is off: the pretrained model has none.
 
-The run config records the folder (``model.pretrained: hf:FOLDER``); ``dlm eval`` and
-``dlm sample`` rebuild the architecture from it and load the run's own weights on top.
+The run config records the folder (``model.pretrained: hf:FOLDER``), and the run folder keeps
+a copy of the model's architecture (``RUN/pretrained``: its config.json and tokenizer files, no
+weights; :func:`save_architecture`): ``dlm eval``, ``dlm sample`` and ``--resume`` rebuild the
+architecture from that copy and load the run's own weights on top, so the run no longer needs
+FOLDER. (A run folder without the copy, written before it existed, rebuilds from FOLDER.)
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +32,11 @@ import torch
 
 from dlm.backbones.base import BACKBONES, Backbone
 from dlm.errors import DlmError
+from dlm.fsio import make_temp_dir, writing
 
 PREFIX = "hf:"
+ARCHITECTURE = "pretrained"  # RUN/pretrained: the model's config.json and tokenizer files, no weights
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass
@@ -91,6 +100,48 @@ def load_causal_lm(folder: Path):
     return model.eval()
 
 
+def has_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds weights (a safetensors or PyTorch file), not only an architecture."""
+    return any(p.suffix in WEIGHT_SUFFIXES for p in Path(folder).iterdir())
+
+
+def build_architecture(folder: Path):
+    """The architecture of ``folder``'s config.json with fresh weights (a run's checkpoint
+    supplies the trained ones), in float32."""
+    config = check_causal_lm(folder)
+    model = _transformers().AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def save_architecture(spec: str, run_dir: Path) -> None:
+    """Copy the architecture of ``spec``'s model (config.json, generation_config.json and the
+    tokenizer files transformers writes) into ``run_dir/pretrained``, whole or not at all."""
+    src, dst = pretrained_folder(spec), Path(run_dir) / ARCHITECTURE
+    tokenizer = _transformers().AutoTokenizer.from_pretrained(src, local_files_only=True)
+    tmp = make_temp_dir(Path(run_dir), f".{ARCHITECTURE}.")
+    try:
+        with writing(dst):
+            for name in ("config.json", "generation_config.json"):
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp / name)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def with_run_architecture(cfg, run_dir: Path):
+    """``cfg`` to build a run's model with: a copy whose ``model.pretrained`` names the run's own
+    copy of the architecture (``run_dir/pretrained``) where it has one; else ``cfg`` itself."""
+    arch = Path(run_dir) / ARCHITECTURE
+    if not cfg.model.pretrained or not (arch / "config.json").is_file():
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.model.pretrained = PREFIX + str(arch)
+    return cfg
+
+
 def _untie(module, state: dict, prefix: str, local_metadata) -> None:
     """State-dict hook: a tensor that shares memory with an earlier entry (tied input and output
     embeddings: GPT-2, SmolLM2) is saved as a copy — safetensors refuses shared tensors, and
@@ -124,7 +175,8 @@ class PretrainedCausalLM(Backbone):
     def build(cls, model_cfg, *, vocab_in: int, vocab_out: int, causal: bool, cond_dim: int) -> PretrainedCausalLM:
         if cond_dim:
             raise DlmError("a pretrained causal LM has no time conditioning: set time_conditioning=false")
-        hf = load_causal_lm(pretrained_folder(model_cfg.pretrained))
+        folder = pretrained_folder(model_cfg.pretrained)
+        hf = load_causal_lm(folder) if has_weights(folder) else build_architecture(folder)
         rows = hf.get_input_embeddings().num_embeddings
         if vocab_out > rows:
             raise DlmError(f"the tokenizer has {vocab_out} tokens but the model {model_cfg.pretrained} only {rows}")

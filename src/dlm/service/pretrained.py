@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dlm.backbones.pretrained import PREFIX, check_causal_lm, pretrained_folder
+from dlm.backbones.pretrained import PREFIX, check_causal_lm, has_weights, pretrained_folder
 from dlm.errors import DlmError
 from dlm.schema import RunConfig
 
@@ -42,6 +42,9 @@ def pretrained_config(spec: str, config: str | None = None, overrides: list[str]
     hf = pretrained_folder_of(spec)
     folder = pretrained_folder(hf)  # one line if it is not a model folder
     check_causal_lm(folder)  # … or not one AutoModelForCausalLM builds
+    if not has_weights(folder):
+        raise DlmError(f"{folder} holds a model's architecture but no weights (*.safetensors, *.bin): "
+                       f"--init-from needs a trained model")
     flags.update({"model.pretrained": hf, "data.tokenizer": "pretrained"})
     cfg = build_config(config, list(overrides), flags)
     if cfg.time_conditioning:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from dlm.backbones.pretrained import save_architecture, with_run_architecture
 from dlm.checkpoint import Checkpoint, create_run_dir
 from dlm.config import RunConfig
 from dlm.data import BlockLoader, TokenData
@@ -57,7 +58,7 @@ class Trainer:
         init_from = Path(t.init_from) if t.init_from and not resume else None
         self.data = data if data is not None else prepare_run_data(cfg, out, resume, init_from, dist)
         train_rows, train_clean = self.data.rows("train", cfg.data.seq_len)
-        self._build_model(init_from)
+        self._build_model(init_from, out if resume else init_from)
         ckpt, shards = open_for_resume(out, cfg, self.data, dist, self.model) if resume else (None, None)
         self._wrap()
         self.opt = build_optimizer(self.model, cfg, device)
@@ -72,17 +73,22 @@ class Trainer:
             self._resume(ckpt, shards)
         elif dist.is_main:
             create_run_dir(out, cfg, self.data.tokenizer, data_identity=self.data.identity)
+            if cfg.model.pretrained:  # the run keeps the model's architecture: it loads without the folder
+                save_architecture(self.family.cfg.model.pretrained, out)
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len * dist.world
         self.reporter = Reporter(cfg, out, self.state, self.params, enabled=dist.is_main, progress=progress)
         self.throughput = Throughput(self.per_token, self.peak, device, compiling=t.compile, probe_s=probe_s)
         self.guard = DivergenceGuard(device, self.state.step)
         self.stopping = Stopping(t.steps, t.time_budget_s, dist)
 
-    def _build_model(self, init_from: Path | None) -> None:
+    def _build_model(self, init_from: Path | None, source: Path | None) -> None:
         """The family's model on the device (fine-tuning: the source run's weights, its EMA
-        when it has one; a fresh optimiser follows), and what its FLOPs are measured by."""
+        when it has one; a fresh optimiser follows), and what its FLOPs are measured by. A
+        pretrained backbone's architecture comes from the run ``source`` (resumed or
+        fine-tuned) where it keeps a copy."""
         tok = self.data.tokenizer
-        self.family: Family = FAMILIES.get(self.cfg.family)(self.cfg, tok.vocab_size, tok.eos_id)
+        cfg = self.cfg if source is None else with_run_architecture(self.cfg, source)
+        self.family: Family = FAMILIES.get(self.cfg.family)(cfg, tok.vocab_size, tok.eos_id)
         model = self.family.build_model()
         if init_from is not None:
             load_init_weights(model, init_from)
