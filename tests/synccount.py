@@ -77,11 +77,15 @@ def tiny(family: str, sampler: str | None = None, settings: dict | None = None, 
     return fam, model
 
 
-def draw(key: str, num: int, length: int = 24, prompt: int = 4, seed: int = 1):
-    """(tokens, network calls) of sampler ``key`` on ``num`` rows, a prompt of ``prompt`` tokens."""
+def draw(key: str, num: int, length: int = 24, prompt: int = 4, seed: int = 1, invocations: list | None = None):
+    """(tokens, network calls) of sampler ``key`` on ``num`` rows, a prompt of ``prompt`` tokens;
+    ``invocations``, a list, gets one entry per call of the network (whatever its rows: the
+    ancestral sampler's NFE counts full-batch equivalents)."""
     family, sampler, settings = SAMPLERS[key]
     fam, model = tiny(family, sampler, settings)
     model.eval()
+    if invocations is not None:
+        model.register_forward_pre_hook(lambda module, args: invocations.append(1))
     prompt_ids = torch.arange(prompt) % V
     g = torch.Generator().manual_seed(seed)
     return fam.generate(model, num, length, prompt_ids, g)

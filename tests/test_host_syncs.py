@@ -6,8 +6,8 @@ before they were made so (``tests/data/host_sync_tokens.json``, written by
 
 Counted before the change on these tiny models: a training micro-step 4 (AR and MDLM: the
 score mask's boolean gather and its backward, a ``nonzero``, the target's gather); masked
-ancestral, 12 steps / 9 network calls, 62 (batch 1) and 73 (batch 3); Fast-dLLM, 16 calls,
-70; the AR sampler 1 per sample."""
+ancestral, 12 steps / 9 network calls, 62 (batch 1) and 73 (batch 3), then 13 (one a step)
+before the windows drawn ahead; Fast-dLLM, 16 calls, 70, then 17; the AR sampler 1 per sample."""
 
 import json
 import sys
@@ -68,25 +68,52 @@ def test_samplers_draw_the_tokens_they_drew_before(key, num):
 
 @pytest.mark.parametrize("key", sorted(SAMPLERS))
 def test_samplers_make_at_most_one_host_sync_a_network_call(key):
-    """One per network call, plus one before the first (the masks to generate). The masked
-    ancestral sampler reads one count a *step*: a step that unmasks nothing makes no network
-    call but still reads that count (so per step, not per call, for that sampler)."""
+    """At most one a network call (each call the network gets, whatever its rows): the
+    masked ancestral sampler reads a window of steps at once, so a step that unmasks nothing
+    costs no read; Fast-dLLM reads its plan once and skips the read after a step that must
+    end its block. Guidance checks once that there is a prompt to guide on (+1 a sample)."""
     family, sampler, settings = SAMPLERS[key]
     for num in (1, 3):
+        invocations = []
         with SyncCounter() as c:
-            _, calls = draw(key, num)
-        per_step = family == "mdlm" and sampler == "ancestral"
-        budget = (settings["steps"] if per_step else calls) + 1 + ("guidance" in settings)  # Guided checks its prompt
-        if family == "ar":
-            budget = 2  # the prompt check and the prompt lengths, once per sample; none per token
+            draw(key, num, invocations=invocations)
+        calls = len(invocations)
+        budget = 2 if family == "ar" else calls + ("guidance" in settings)  # AR: the prompt check and lengths
         assert calls >= 5 and c.total <= budget, (key, num, calls, dict(c.counts))
 
 
-def test_no_unmasking_step_is_counted_in_the_network_calls():
-    """The per-step allowance above is real: with as many steps as calls, one sync a call."""
+def custom_draw(sampler: str, settings: dict, num: int = 3, length: int = 24, seed: int = 1):
+    """(tokens, syncs, network calls) of an MDLM sampler with ``settings`` on the tiny model."""
+    fam, model = tiny("mdlm", sampler, settings)
+    model.eval()
+    invocations = []
+    model.register_forward_pre_hook(lambda module, args: invocations.append(1))
     with SyncCounter() as c:
-        _, calls = draw("mdlm-ancestral-nocache", 3)
-    assert calls == SAMPLERS["mdlm-ancestral-nocache"][2]["steps"] and c.total == calls + 1
+        tokens, _ = fam.generate(model, num, length, torch.arange(4) % V, torch.Generator().manual_seed(seed))
+    return tokens, c.total, len(invocations)
+
+
+@pytest.mark.parametrize("steps", [64, 400])
+def test_ancestral_steps_that_unmask_nothing_cost_no_read(steps):
+    """More steps than positions: most steps unmask nothing. The windows drawn ahead read them
+    all at once — at most one read a network call — and give the step-by-step tokens (those of
+    ``cache: false``, which draws the same uniforms and Gumbel noise one step at a time)."""
+    tokens, syncs, calls = custom_draw("ancestral", {"steps": steps})
+    reference, ref_syncs, ref_calls = custom_draw("ancestral", {"steps": steps, "cache": False})
+    assert calls <= 3 * 20 and syncs <= calls, (syncs, calls)
+    assert ref_calls > calls and ref_syncs == ref_calls  # the reference calls at every step that has masks
+    assert torch.equal(tokens, reference)
+
+
+def test_fast_dllm_worst_case_is_one_read_more_than_its_calls():
+    """Threshold 0: every block ends at its first step (each of its masks is above it), with
+    rows of more than one mask, so every call is followed by a read: the plan read before
+    the first call is the one more (the count of positions to decode, needed before the first
+    Gumbel draw)."""
+    for cache in ("none", "prefix", "dual"):
+        _, syncs, calls = custom_draw("fast-dllm", {"steps": 16, "block_length": 8, "threshold": 0.0,
+                                                     "cache": cache})
+        assert calls == 3 and syncs == calls + 1, (cache, syncs, calls)
 
 
 @pytest.mark.parametrize("static", [False, True])

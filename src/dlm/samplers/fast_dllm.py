@@ -136,8 +136,10 @@ class FastDllmSampler(Sampler):
     @torch.no_grad()
     def sample(self, model, process: MaskedProcess, given, clean, generator, time_conditioned: bool, pad=None):
         """(B, L) tokens and the number of network calls; ``clean`` positions are kept as in ``given``.
-        One host synchronisation before the first block and one a step (the tokens the step
-        unmasked): the masks left in a block are counted on the host, positions written by index."""
+        One host synchronisation before the first block (the generated positions of each row)
+        and one after a step (each row's masks left in the block), none after a step that must
+        end its block (its last step of the share, or every row had at most one mask left: the
+        floor unmasks it): the masks left are counted on the host, positions written by index."""
         opts = self.settings
         B, L = given.shape
         device = given.device
@@ -146,9 +148,11 @@ class FastDllmSampler(Sampler):
         n_free = free.sum(-1).clamp_min(1)
         nfe, computed = 0, 0
         self.record(x)
-        per_position = to_host(free.sum(0))  # (L,): at the start every generated position is masked
+        free_rows = to_host(free)  # (B, L): at the start every generated position is masked
+        per_position = [sum(col) for col in zip(*free_rows)]
         for start, end, share in plan_counted(per_position, opts.block_length, opts.steps):
-            masks_left = sum(per_position[start:end])  # masks left in the block
+            row_left = [sum(row[start:end]) for row in free_rows]  # (B,): each row's masks left in the block
+            masks_left = sum(row_left)
             in_block = torch.zeros(L, dtype=torch.bool, device=device)
             in_block[start:end] = True
             kv = None if opts.cache == "none" else BlockKV()
@@ -175,7 +179,11 @@ class FastDllmSampler(Sampler):
                 unmask = masked & ((conf > opts.threshold) | (rank < floor[:, None]))
                 drawn = torch.zeros_like(x).reshape(-1).scatter(0, where, tokens).view_as(x)
                 x = torch.where(unmask, drawn, x)
-                masks_left -= to_host(unmask.sum())  # the step's one host synchronisation
+                if share - j == 1 or max(row_left) <= 1:  # the floor unmasks every mask left: no read
+                    row_left = [0] * B
+                else:
+                    row_left = to_host(unmask.sum(-1).neg_().add_(left))  # the step's one host synchronisation
+                masks_left = sum(row_left)
                 self.record(x)
         self.last_stats = {"nfe": nfe, "positions": computed / max(1, nfe * L)}
         return x, nfe

@@ -35,6 +35,7 @@ rows computed at a step get that step's t, like the uncached call.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -126,45 +127,127 @@ class MaskedAncestralSampler(Sampler):
     @torch.no_grad()
     def sample(self, model, process: MaskedProcess, given, clean, generator, time_conditioned: bool, pad=None):
         """(B, L) tokens and the network evaluations (full-batch equivalents); ``clean``
-        positions are kept as in ``given``. One host synchronisation before the first step and
-        one a step (the step's unmasking counts per row); the time grid and the unmasking
-        probabilities are host floats, tokens are written by flat index (no boolean masks)."""
+        positions are kept as in ``given``. At most one host synchronisation a network call
+        (:meth:`_cached`, :meth:`_reference`); the time grid and the unmasking probabilities
+        are host floats, tokens are written by flat index (no boolean masks)."""
         steps = self.settings.steps
-        num = given.shape[0]
-        device = given.device
         x, fixed = start_from_prior(process, given, clean, pad, generator)  # (B, L)
         times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)  # on the host
         p_unmask = process.unmask_probability(times[:-1], times[1:]).tolist()[:-1] + [1.0]
-        times = times.tolist()
-        counter = NetworkCalls(num)
+        counter = NetworkCalls(given.shape[0])
         self.record(x)
-        left = to_host((x == process.mask_id).sum())  # masks left, known on the host from here on
-        for i in range(steps):
-            if not left:
-                break
-            masked = x == process.mask_id
-            t_batch = torch.full((num,), times[i], device=device) if time_conditioned else None
-            if not self.settings.cache:  # the whole batch, at every masked position
-                logits = self._full(model, x, masked, t_batch, pad, counter, left)
-            u = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
-            unmask = masked & (u < p_unmask[i])
-            per_row = to_host(unmask.sum(-1))  # the step's one host synchronisation
-            n = sum(per_row)
-            if n:
-                if self.settings.cache:  # only the rows that unmask now, only where they unmask
-                    rows = evaluate_counted(model, x, unmask, t_batch, pad, counter, per_row)
-                else:  # (n, V): the masked positions that unmask now
-                    rows = logits[true_positions(unmask.reshape(-1)[true_positions(masked, left)], n)]
-                tokens = sample_categorical(filter_logits(rows, self.options), generator)
-                x = x.reshape(-1).scatter(0, true_positions(unmask, n), tokens).view_as(x)
-                left -= n
-            self.record(x)
+        run = self._cached if self.settings.cache else self._reference
+        x = run(model, process.mask_id, x, p_unmask, times.tolist(), generator, time_conditioned, pad, counter)
         self.stats = counter.as_dict()
         return x, counter.nfe
 
-    @staticmethod
-    def _full(model, x, masked, t_batch, pad, counter: NetworkCalls, left: int):
-        """(left, V) logits at every masked position of the whole batch (``cache: false``)."""
-        counter.calls += 1
-        counter.rows += x.shape[0]
-        return model(x, t_batch, score_mask=masked, pad=pad, score_count=left)
+    def _cached(self, model, mask_id: int, x, p_unmask: list[float], times: list[float], generator,
+                time_conditioned: bool, pad, counter: NetworkCalls) -> torch.Tensor:
+        """The per-row cache's steps, one host read a network call: the step's uniforms do not
+        depend on the network, so the uniforms of a *window* of steps are drawn ahead
+        (:func:`draw_ahead`) and one read gives every step's unmasking counts per row; the
+        steps before the first that unmasks something are empty (nothing to compute), the
+        generator is put back to just after that step's uniforms, and that step runs. The
+        window is sized so that it holds an unmasking step but with probability < 1e-6
+        (:func:`window_length`); the first one spans every step (the masks left are not known
+        on the host before it). The random draws are the step-by-step ones."""
+        num, steps, i, left = x.shape[0], len(p_unmask), 0, None
+        before = generator.get_state()
+        while i < steps and left != 0:
+            masked = x == mask_id
+            width = window_length(p_unmask, i, left)
+            first, states = draw_ahead(masked, p_unmask[i:i + width], generator)
+            counts = unmask_counts(first, width)  # (width, B)
+            read = to_host(torch.cat([counts.reshape(-1), masked.sum().reshape(1)]))  # the one read
+            if left is None and not read[-1]:  # nothing to generate: no step, no draw
+                generator.set_state(before)
+                break
+            left = read[-1]
+            per_step = [read[k * num:(k + 1) * num] for k in range(width)]
+            hit = next((k for k in range(width) if any(per_step[k])), None)
+            for _ in range(width if hit is None else hit):  # the empty steps: nothing changes
+                self.record(x)
+            if hit is None:
+                i += width
+                continue
+            generator.set_state(states[hit])  # the uniforms of the steps after this one: not drawn yet
+            per_row, n = per_step[hit], sum(per_step[hit])
+            unmask = masked & (first == hit)  # (B, L): the positions that unmask at step i + hit
+            t_batch = torch.full((num,), times[i + hit], device=x.device) if time_conditioned else None
+            rows = evaluate_counted(model, x, unmask, t_batch, pad, counter, per_row)
+            tokens = sample_categorical(filter_logits(rows, self.options), generator)
+            x = x.reshape(-1).scatter(0, true_positions(unmask, n), tokens).view_as(x)
+            left, i = left - n, i + hit + 1
+            self.record(x)
+        return x
+
+    def _reference(self, model, mask_id: int, x, p_unmask: list[float], times: list[float], generator,
+                   time_conditioned: bool, pad, counter: NetworkCalls) -> torch.Tensor:
+        """``cache: false``: the whole batch at every step that has masks left, one host read a
+        step (= a network call): the step's unmasking counts and the masks left. The first
+        call, before any read, computes the logits at every position."""
+        num, left = x.shape[0], None
+        for i, p in enumerate(p_unmask):
+            if left == 0:
+                break
+            masked = x == mask_id
+            t_batch = torch.full((num,), times[i], device=x.device) if time_conditioned else None
+            counter.calls += 1
+            counter.rows += num
+            # (left, V) at the masked positions; (B·L, V) at the first step
+            logits = model(x, t_batch, score_mask=None if left is None else masked, pad=pad, score_count=left)
+            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+            unmask = masked & (u < p)
+            read = to_host(torch.cat([unmask.sum(-1), masked.sum().reshape(1)]))  # the step's one read
+            per_row, n = read[:-1], sum(read[:-1])
+            if n:  # (n, V): the masked positions that unmask now
+                at = true_positions(unmask, n) if left is None else true_positions(
+                    unmask.reshape(-1)[true_positions(masked, read[-1])], n)
+                tokens = sample_categorical(filter_logits(logits.reshape(-1, logits.shape[-1])[at], self.options),
+                                            generator)
+                x = x.reshape(-1).scatter(0, true_positions(unmask, n), tokens).view_as(x)
+            left = read[-1] - n
+            self.record(x)
+        return x
+
+
+UNLIKELY = 1e-6  # the chance a window of steps drawn ahead holds no unmasking step, at most
+
+
+def window_length(p_unmask: list[float], i: int, left: int | None) -> int:
+    """The steps from ``i`` on to draw ahead: the fewest in which ``left`` masks (each
+    unmasking independently with the step's probability) all stay masked with probability
+    below :data:`UNLIKELY`; every remaining step when ``left`` is unknown (None). The last
+    step's probability is 1, so the window never runs past it."""
+    if left is None:
+        return len(p_unmask) - i
+    log_none, bound = 0.0, math.log(UNLIKELY)
+    for k in range(i, len(p_unmask)):
+        log_none += left * math.log1p(-p_unmask[k]) if p_unmask[k] < 1 else -math.inf
+        if log_none < bound:
+            return k - i + 1
+    return len(p_unmask) - i
+
+
+def draw_ahead(masked: torch.Tensor, p_unmask: list[float], generator: torch.Generator):
+    """(first, states): the step uniforms of a window of ``len(p_unmask)`` steps, drawn one
+    step at a time as the step-by-step sampler draws them (float64, (B, L) each). ``first``
+    (B, L) long: the first step k of the window at which a ``masked`` position's uniform falls
+    below p_k (the window's length where none does, and at unmasked positions); ``states``
+    the generator's state after each step's draw."""
+    width = len(p_unmask)
+    first = torch.full(masked.shape, width, dtype=torch.long, device=masked.device)
+    states = []
+    for k, p in enumerate(p_unmask):
+        u = torch.rand(masked.shape, generator=generator, device=masked.device, dtype=torch.float64)
+        first = torch.where(masked & (u < p) & (first == width), k, first)
+        states.append(generator.get_state())
+    return first, states
+
+
+def unmask_counts(first: torch.Tensor, width: int) -> torch.Tensor:
+    """(width, B): how many positions of each row :func:`draw_ahead` has unmask first at each step."""
+    B = first.shape[0]
+    slot = (first * B + torch.arange(B, device=first.device)[:, None]).reshape(-1)
+    counts = torch.zeros((width + 1) * B, dtype=torch.long, device=first.device)
+    return counts.scatter_add_(0, slot, torch.ones_like(slot))[:width * B].view(width, B)
