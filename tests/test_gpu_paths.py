@@ -25,7 +25,9 @@ def test_every_weighted_objective_is_listed():
     from dlm.objectives.base import Objective
     weighted = {(process, name) for name, process, cls in OBJECTIVES.entries()
                 if cls.token_weights is not Objective.token_weights}
-    assert weighted == {("causal", "ce"), ("masked", "nelbo"), ("masked", "llada"), ("masked", "nelbo-count")}
+    assert weighted == {("causal", "ce"), ("masked", "nelbo"), ("masked", "llada"), ("masked", "nelbo-count"),
+                        ("uniform", "naive"), ("gaussian", "ce"),
+                        ("uniform", "sddlm"), ("uniform", "sddlm-v1"), ("uniform", "sddlm-v2")}  # v1/v2: None
 
 
 def scored(family, objective, static, rows, clean):

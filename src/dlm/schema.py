@@ -88,6 +88,10 @@ class TrainConfig:
     # a shape that changes every step); unset: on CUDA only (on a CPU the gather's saved
     # compute wins)
     static_shapes: bool | None = None
+    # a weighted cross-entropy objective (AR's, MDLM's, …) scored by the fused output layer and
+    # loss (dlm.objectives.fused: chunks of rows, the gradient formed in the forward, the (N, V)
+    # logits never whole; train.loss_chunk_rows then has nothing to chunk); false: the plain head
+    fused_head: bool = True
     # torch.compile each transformer block (inductor); the first step's wall time, compilation
     # included, is reported apart as compile_s and kept out of tokens/s
     compile: bool = False

@@ -32,6 +32,7 @@ from dlm.errors import DlmError
 from dlm.objectives import OBJECTIVES, Corrupted, Objective, Scored
 from dlm.objectives.base import Predictor
 from dlm.objectives.chunked import chunked_score, dense_score
+from dlm.objectives.fused import fused_score
 from dlm.processes import PROCESSES
 from dlm.registry import ProcessView, Registry
 from dlm.samplers import SAMPLERS, Sampler, SamplerSettings
@@ -171,14 +172,19 @@ class Family(ABC):
         """``objective`` at ``where``, the network called on inputs ``x`` (and ``t`` when
         time-conditioned) through a :class:`Predictor`; a one-pass objective in training with
         ``train.loss_chunk_rows`` > 0 runs a chunk of sequences at a time; with static shapes
-        (``train.static_shapes``) a weighted cross-entropy is scored at every position."""
-        rows = self.cfg.train.loss_chunk_rows
+        (``train.static_shapes``) a weighted cross-entropy is scored at every position; with
+        ``train.fused_head`` a weighted cross-entropy is scored by the fused head and loss."""
+        rows, fused = self.cfg.train.loss_chunk_rows, self.cfg.train.fused_head
         t = t if self.time_conditioned else None
-        if torch.is_grad_enabled() and objective.one_pass() and self.static_shapes(x.device):
+        static = torch.is_grad_enabled() and objective.one_pass() and self.static_shapes(x.device)
+        if static or (fused and torch.is_grad_enabled() and objective.one_pass()):
             weighted = objective.token_weights(c, where, process)  # None: not a weighted cross-entropy
-            if weighted is not None:
+            if weighted is not None and static:
                 return model(x, t, pad=pad, head_fn=partial(dense_score, weighted, c, rows,
-                                                            compiled=self.cfg.train.compile))
+                                                            compiled=self.cfg.train.compile, fused=fused))
+            if weighted is not None:
+                return model(x, t, score_mask=where, pad=pad,
+                             head_fn=partial(fused_score, objective, process, weighted, c, where))
         if rows and torch.is_grad_enabled() and objective.one_pass():
             return model(x, t, score_mask=where, pad=pad,
                          head_fn=partial(chunked_score, objective, c, where, process, rows))

@@ -18,6 +18,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dlm.objectives.base import Corrupted, Objective, Scored
+from dlm.objectives.fused import fused_ce, linear_layer
 
 
 def chunked_score(objective: Objective, c: Corrupted, where: torch.Tensor, process, rows: int, head, h):
@@ -42,7 +43,7 @@ def chunked_score(objective: Objective, c: Corrupted, where: torch.Tensor, proce
 
 
 def dense_score(weighted: tuple[torch.Tensor, torch.Tensor], c: Corrupted, rows: int, head, h,
-                compiled: bool = False):
+                compiled: bool = False, fused: bool = False):
     """Scored of a weighted cross-entropy objective, ``weighted`` = its
     ``Objective.token_weights`` ((B, L) weights, (B,) count), from hidden
     states h (B, L, C) at *every* position, the weights zero where nothing is scored: static
@@ -50,8 +51,13 @@ def dense_score(weighted: tuple[torch.Tensor, torch.Tensor], c: Corrupted, rows:
     at the unscored positions too (none for AR on packed text; for MDLM the unmasked ones).
     ``rows`` > 0: that many sequences at a time under activation checkpointing, as
     :func:`chunked_score` (a ``head_fn`` for ``Transformer.forward``). ``compiled`` (``train.compile``):
-    the head and its loss as one ``torch.compile``d function (whole batches; chunks stay eager)."""
+    the head and its loss as one ``torch.compile``d function (whole batches; chunks stay eager).
+    ``fused`` (``train.fused_head``): the fused head and loss of :mod:`dlm.objectives.fused`
+    instead of either, where the head is a linear layer."""
     weights, count = weighted
+    layer = linear_layer(head) if fused else None
+    if layer is not None:
+        return Scored(fused_ce(*layer, h, c.x0, weights).sum(-1), count)
     if compiled and not rows:
         return Scored(compiled_weighted_ce()(head, h, c.x0, weights), count)
     B = h.shape[0]

@@ -86,3 +86,6 @@ class GaussianCrossEntropy(Objective):
     def __call__(self, logits, c: Corrupted, where, process: GaussianProcess) -> Scored:
         nll = F.cross_entropy(logits.float(), c.x0[where], reduction="none")
         return Scored(per_sequence(nll, where), token_count(c.target))
+
+    def token_weights(self, c, where, process):
+        return where.float(), token_count(c.target)

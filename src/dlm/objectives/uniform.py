@@ -238,6 +238,9 @@ class NaiveDenoising(Objective):
         ce = F.cross_entropy(logits, c.x0[where], reduction="none")
         return Scored(per_sequence(ce, where), token_count(where))
 
+    def token_weights(self, c, where, process):
+        return where.float(), token_count(where)
+
 
 @dataclass
 class SDDLMSettings:
@@ -290,6 +293,13 @@ class SDDLM(Objective):
             log_p = torch.log(logp.gather(-1, neg).exp() + self.settings.reg_eps)  # (N, K)
             loss = loss + self.settings.reg_weight * (log_p * keep).sum(-1) / neg.shape[1]
         return Scored(per_sequence(loss, where), token_count(where))
+
+    def token_weights(self, c, where, process):
+        """A weighted cross-entropy without the regulariser only (its log(p_θ(negative) + ε)
+        term is not one: SDDLM-V1 and V2 keep the plain head)."""
+        if type(self).negatives_at is not SDDLM.negatives_at:
+            return None
+        return where.float(), token_count(where)
 
 
 class SDDLMRandomNegatives(SDDLM):
