@@ -60,8 +60,8 @@ class DistillTrainer(Trainer):
         super().__init__(cfg, *args, **kwargs)
         self.checkpointer = DistillCheckpointer(self.checkpointer, self)
 
-    def _build_model(self, init_from: Path | None) -> None:
-        super()._build_model(init_from)
+    def _build_model(self, init_from: Path | None, *source) -> None:
+        super()._build_model(init_from, *source)
         d = self.cfg.distill
         teacher = self.family.build_model()
         load_init_weights(teacher, Path(d.teacher))
