@@ -18,7 +18,7 @@ MAX_FUNCTION_LINES = 80
 LAYERS = [
     ["dlm.errors", "dlm.registry", "dlm.settings", "dlm.fsio", "dlm.batch", "dlm.device", "dlm.flops",
      "dlm.distributed", "dlm.runlock", "dlm.metrics", "dlm.infill",
-     "dlm.export.modeling_dlm"],  # the file an export ships: torch and transformers only
+     "dlm.export.modeling_dlm", "dlm.export.modeling_dlm_adapted"],  # the files an export ships: torch, transformers
     ["dlm.schema", "dlm.schedules", "dlm.distill.settings"],
     ["dlm.data", "dlm.backbones", "dlm.processes"],
     ["dlm.objectives", "dlm.samplers", "dlm.distill.methods"],

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dlm.backbones.pretrained import with_run_architecture
+from dlm.backbones.pretrained import PREFIX, with_run_architecture
 from dlm.checkpoint import MARKER, is_run_dir, load_checkpoint, load_weights, read_run_config, run_family
 from dlm.config import RunConfig, load_yaml
 from dlm.data import Tokenizer, load_tokenizer
@@ -67,9 +68,15 @@ def _load_export(path: Path, device: str) -> LoadedRun:
         weights = load_file(path / "model.safetensors")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DlmError(f"{path} is not a readable dlm export ({type(e).__name__}: {str(e)[:100]})") from None
-    family = FAMILIES.get(cfg.family)(cfg, tokenizer.vocab_size, tokenizer.eos_id)
+    build = with_run_architecture(cfg, path)  # an adapted pretrained model: its architecture in OUT/pretrained
+    native = bool(cfg.model.pretrained) and build is cfg  # a causal one: OUT is the architecture's own folder
+    if native:
+        build = copy.deepcopy(cfg)
+        build.model.pretrained = PREFIX + str(path)
+    family = FAMILIES.get(cfg.family)(build, tokenizer.vocab_size, tokenizer.eos_id)
     model = family.build_model()
-    load_weights(model, weights, path)
+    if not native:  # (a native folder's weights came with the architecture)
+        load_weights(model, weights, path)
     dev = resolve_device(device)
     model.to(dev).eval()
     return LoadedRun(path, cfg, tokenizer, family, model, step, dev)

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from dlm.config import save_yaml
 from dlm.errors import DlmError
 from dlm.fsio import make_temp_dir, writing
+from dlm.export.pretrained import pretrained_parts
 from dlm.runs import EXPORT_CONFIG, EXPORT_TOKENIZER, load_run
 
 MODELING = Path(__file__).with_name("modeling_dlm.py")
@@ -94,21 +95,18 @@ def export_run(run_path: Path, out: Path, use_ema: bool = True) -> dict:
     check_export_target(out)
     run = load_run(Path(run_path), "cpu", use_ema=use_ema)
     state = {k: v.detach().contiguous() for k, v in run.model.state_dict().items()}
-    if run.family.backbone != "transformer" or any(not k.split(".")[0] in _MODULES for k in state):
-        raise DlmError(f"{run_path} is a '{run.cfg.family}' run whose model is not dlm's plain transformer "
-                       f"(its keys: {sorted({k.split('.')[0] for k in state} - _MODULES)}): it cannot be exported yet")
-    config = hf_config(run, state)
-    files = {"config.json": json.dumps(config, indent=1), EXPORT_CONFIG: save_yaml(run.cfg),
-             "README.md": _card(run, config), **_hf_tokenizer(run.tokenizer)}
+    if run.cfg.model.pretrained:
+        files, write_model = pretrained_parts(run, state)
+    else:
+        files, write_model = _dlm_parts(run, run_path, state)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
         with writing(out):
+            write_model(tmp)
             for name, text in files.items():
                 (tmp / name).write_text(text, encoding="utf-8")
             run.tokenizer.save(tmp / EXPORT_TOKENIZER)
-            shutil.copyfile(MODELING, tmp / "modeling_dlm.py")
-            save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
             if out.exists():
                 out.rmdir()  # empty (checked above)
             os.replace(tmp, out)
@@ -120,3 +118,19 @@ def export_run(run_path: Path, out: Path, use_ema: bool = True) -> dict:
 
 
 _MODULES = {"embed", "time", "blocks", "norm", "final_ada", "head"}
+
+
+def _dlm_parts(run, run_path: Path, state: dict):
+    """The text files of a run of dlm's own transformer, and what writes its code and weights."""
+    if run.family.backbone != "transformer" or any(not k.split(".")[0] in _MODULES for k in state):
+        raise DlmError(f"{run_path} is a '{run.cfg.family}' run whose model is not dlm's plain transformer "
+                       f"(its keys: {sorted({k.split('.')[0] for k in state} - _MODULES)}): it cannot be exported yet")
+    config = hf_config(run, state)
+    files = {"config.json": json.dumps(config, indent=1), EXPORT_CONFIG: save_yaml(run.cfg),
+             "README.md": _card(run, config), **_hf_tokenizer(run.tokenizer)}
+
+    def write_model(tmp: Path) -> None:
+        shutil.copyfile(MODELING, tmp / "modeling_dlm.py")
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+
+    return files, write_model
