@@ -22,8 +22,9 @@ Then, each in a fresh process with a time limit, the JSON rewritten after every 
   ``train.static_shapes=false``: the output layer only at scored positions, a host sync a
   micro-step); ``best`` is the fastest of the three. tokens/s and MFU are dlm's own (from
   metrics.jsonl, steady state: the first logged window, which holds compilation, dropped),
-  MFU counting the output layer at every position (work done with static shapes; MDLM's
-  gather variant does about half that head work), peak CUDA memory, compile time.
+  MFU counting the work actually done (the output layer at the positions it ran on: every
+  one with static shapes, MDLM's masked ones in the gather variant; dlm's ``head_share``,
+  recorded), peak CUDA memory, compile time.
 * ``anchor``: the plain loop — dlm's Transformer (GPT-2 vocabulary padded to 50,304), the
   whole model and its cross-entropy under one ``torch.compile``, fused AdamW, bf16
   autocast, random tokens — tokens/s, MFU (the same FLOP formula), peak memory, compile time.
@@ -275,6 +276,8 @@ def read_metrics(out: Path, row: dict) -> None:
     row["tokens_per_s"] = statistics.median(m["tokens_per_s"] for m in timed)
     row["mfu"] = statistics.median(m["mfu"] for m in timed) if all("mfu" in m for m in timed) else None
     row["compile_s"] = next((m["compile_s"] for m in metrics if "compile_s" in m), None)
+    row["head_share"] = statistics.median(m["head_share"] for m in timed) if all("head_share" in m for m in timed) \
+        else None
 
 
 def sample_part(bench: Bench, runs: dict[str, Path]) -> None:

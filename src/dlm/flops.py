@@ -2,10 +2,11 @@
 
 Model FLOPs per trained token (PaLM, Chowdhery et al. 2022, App. B): 6·N for the weight
 matmuls of the forward and backward passes (N = parameters outside the embedding table,
-whose lookup is no matmul; the output layer counts in full, though masked objectives run it
-only at the scored positions — so MFU of MDLM is slightly overstated, as the MDLM
-recipes' own figures are) plus 12·n_layer·d_model·L for attention's scores and values at
-sequence length L. The peak is the device's dense bf16 tensor throughput: looked up from
+whose lookup is no matmul) plus 12·n_layer·d_model·L for attention's scores and values at
+sequence length L. The work actually done: the output layer (H of the N parameters) counts
+only at the positions it ran on — every one with static shapes, the scored ones when the
+family gathers them (MDLM's masked positions: about half), ``head_share`` of the tokens —
+so a training step's model FLOPs per token are 6·(N − H) + 6·H·head_share + 12·n_layer·d_model·L. The peak is the device's dense bf16 tensor throughput: looked up from
 the CUDA device name, or given as ``train.peak_tflops``; with neither (a CPU) MFU is not
 reported.
 """
@@ -29,11 +30,19 @@ def peak_tflops(device: torch.device, given: float = 0.0) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """6·N + 12·n_layer·d_model·seq_len model FLOPs per trained token (N without the embedding)."""
+def head_params(model: torch.nn.Module) -> int:
+    """H: the output layer's parameters (its padded rows included: they take part in the matmul)."""
+    head = getattr(model, "head", None)
+    return sum(p.numel() for p in head.parameters()) if isinstance(head, torch.nn.Linear) else 0
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int, head_share: float = 1.0) -> float:
+    """6·(N − H) + 6·H·head_share + 12·n_layer·d_model·seq_len model FLOPs per trained token
+    (N without the embedding, H the output layer's, run at ``head_share`` of the tokens)."""
     cfg = model.cfg
     n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embed."))
-    return 6.0 * n + 12.0 * cfg.n_layer * cfg.d_model * seq_len
+    h = head_params(model)
+    return 6.0 * (n - h) + 6.0 * h * head_share + 12.0 * cfg.n_layer * cfg.d_model * seq_len
 
 
 def mfu(tokens_per_s: float, per_token: float, peak: float | None) -> float | None:

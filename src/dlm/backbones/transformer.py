@@ -284,6 +284,7 @@ class Transformer(Backbone):
         self.norm = nn.LayerNorm(cfg.d_model, bias=False)
         self.final_ada = nn.Linear(cfg.cond_dim, 2 * cfg.d_model) if cfg.cond_dim else None
         self.head = nn.Linear(cfg.d_model, cfg.head_rows, bias=True)
+        self.head_positions = 0  # positions the output layer ran on in training (MFU: the work done)
         self._init_weights()
         if cfg.head_rows != cfg.vocab_out:  # run folders hold vocab_out rows, before padding and after
             self._register_state_dict_hook(_unpad_head)
@@ -450,6 +451,10 @@ class Transformer(Backbone):
                 h = block(h, c, cos, sin, cache, i, attn_mask, **kv)
         return h
 
+    @torch.compiler.disable  # a counter, not part of any graph (an int attribute would be guarded on)
+    def _count_head(self, positions: int) -> None:
+        self.head_positions += positions
+
     def logits_of(self, h: torch.Tensor) -> torch.Tensor:
         """The output layer at hidden states h (…, C): logits (…, vocab_out) in the compute
         dtype, the padded rows of the layer left out."""
@@ -468,6 +473,8 @@ class Transformer(Backbone):
             h = h.reshape(-1, h.shape[-1])[true_positions(score_mask, score_count)]
         elif score_mask is not None:
             h = h[score_mask]  # (N, C), row-major order
+        if self.training and torch.is_grad_enabled():
+            self._count_head(h.shape[:-1].numel())  # a shape: known on the host
         if head_fn is not None:  # the layer itself; a padded one as its logits sliced to vocab_out
             return head_fn(self.head if self.cfg.head_rows == self.cfg.vocab_out else self.logits_of, h)
         return self.logits_of(h).float()  # (B, T, V) or (N, V)

@@ -16,7 +16,7 @@ from dlm.device import generator
 from dlm.distributed import Dist
 from dlm.errors import DlmError
 from dlm.families import FAMILIES, Family
-from dlm.flops import flops_per_token, peak_tflops
+from dlm.flops import flops_per_token, head_params, peak_tflops
 from dlm.trainer.checkpointer import Checkpointer, open_for_resume
 from dlm.trainer.compiling import compile_blocks
 from dlm.trainer.divergence import DivergenceGuard
@@ -77,7 +77,10 @@ class Trainer:
                 save_architecture(self.family.cfg.model.pretrained, out)
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len * dist.world
         self.reporter = Reporter(cfg, out, self.state, self.params, enabled=dist.is_main, progress=progress)
-        self.throughput = Throughput(self.per_token, self.peak, device, compiling=t.compile, probe_s=probe_s)
+        counted = hasattr(self.model, "head_positions")  # the output layer's positions, each rank's own
+        self.throughput = Throughput(self.per_token, self.peak, device, compiling=t.compile, probe_s=probe_s,
+                                     head_flops=6.0 * head_params(self.model),
+                                     head_rows=(lambda: self.model.head_positions * dist.world) if counted else None)
         self.guard = DivergenceGuard(device, self.state.step)
         self.stopping = Stopping(t.steps, t.time_budget_s, dist)
 
