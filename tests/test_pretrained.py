@@ -293,3 +293,21 @@ def test_a_folder_without_weights_is_refused_for_init_from(folders, tmp_path, ca
     code, _, err = run(["train", "--init-from", f"hf:{arch}", "--out", str(tmp_path / "out"), "--steps", "1"], capsys)
     one_line_error(code, err, "no weights")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_too_large_for_memory_is_one_line_before_its_weights_are_read(folders, tmp_path, capsys,
+                                                                              monkeypatch):
+    """DLM_AVAILABLE_MEMORY stands for the free memory: the tiny GPT-2's 6 MiB of float32 weights
+    (5 copies to train) do not fit in 8 MiB; trained with room, its run does not load in 4 MiB."""
+    out = tmp_path / "out"
+    args = ["train", "--init-from", f"hf:{folders['gpt2']}", "--family", "ar", "--data", str(corpus_file(tmp_path)),
+            "--seq-len", "16", "--out", str(out), "--steps", "0", "--quiet"]
+    monkeypatch.setenv("DLM_AVAILABLE_MEMORY", "8M")
+    one_line_error(*run(args, capsys)[::2], "too large to train", "5 float32 copies", "DLM_AVAILABLE_MEMORY")
+    assert not out.exists()
+    monkeypatch.setenv("DLM_AVAILABLE_MEMORY", "64M")
+    assert run(args, capsys)[0] == 0
+    monkeypatch.setenv("DLM_AVAILABLE_MEMORY", "4M")
+    one_line_error(*run(["eval", str(out), "--max-tokens", "32"], capsys)[::2], "too large to load")
+    monkeypatch.setenv("DLM_AVAILABLE_MEMORY", "lots")
+    one_line_error(*run(["eval", str(out), "--max-tokens", "32"], capsys)[::2], "DLM_AVAILABLE_MEMORY='lots'")

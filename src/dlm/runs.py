@@ -94,9 +94,9 @@ def load_run(path: Path, device: str = "auto", use_ema: bool = True) -> LoadedRu
     tokenizer = load_tokenizer(tok_path)
     if tokenizer.kind != cfg.data.tokenizer:
         raise DlmError(f"{tok_path} is a '{tokenizer.kind}' tokenizer but the run was trained with '{cfg.data.tokenizer}'")
-    ckpt = load_checkpoint(path, with_trainer=False)
     family = FAMILIES.get(cfg.family)(with_run_architecture(cfg, path), tokenizer.vocab_size, tokenizer.eos_id)
-    model = family.build_model()
+    model = family.build_model()  # before the checkpoint is read (a pretrained one too large: one line)
+    ckpt = load_checkpoint(path, with_trainer=False)
     embed = ckpt.model.get("embed.weight")
     if embed is not None and embed.shape[0] != family.input_vocab_size:
         raise DlmError(

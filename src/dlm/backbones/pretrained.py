@@ -105,6 +105,71 @@ def has_weights(folder: Path) -> bool:
     return any(p.suffix in WEIGHT_SUFFIXES for p in Path(folder).iterdir())
 
 
+MEMORY_ENV = "DLM_AVAILABLE_MEMORY"  # bytes (or 512M, 8G …): the memory figure the size check uses
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+                "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def float32_bytes(folder: Path) -> int:
+    """What the weights of ``folder`` take in float32 (dlm's dtype): the element counts of the
+    safetensors headers (no tensor is read); a PyTorch file counts by its size, at 4 bytes an
+    element; an architecture without weights, by its parameters built on the meta device."""
+    import json
+    import math
+    import struct
+
+    if not has_weights(folder):
+        with torch.device("meta"):
+            model = _transformers().AutoModelForCausalLM.from_config(check_causal_lm(folder))
+        return 4 * sum(p.numel() for p in model.parameters())
+    total = 0
+    for f in Path(folder).iterdir():
+        if f.suffix == ".safetensors":
+            with f.open("rb") as fh:
+                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+            for entry in header.values():
+                if isinstance(entry, dict) and "shape" in entry:
+                    total += 4 * math.prod(entry["shape"])
+        elif f.suffix in WEIGHT_SUFFIXES:
+            total += f.stat().st_size * 4 // 2  # a 16-bit file at worst: its elements in float32
+    return total
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes free, where): ``DLM_AVAILABLE_MEMORY`` if set, else CUDA's free memory on a GPU
+    (``torch.cuda.mem_get_info``) or /proc/meminfo's MemAvailable (none known: no limit)."""
+    given = os.environ.get(MEMORY_ENV, "").strip()
+    if given:
+        number, unit = given.rstrip("KMGTkmgtBb"), given[len(given.rstrip("KMGTkmgtBb")):].upper().rstrip("B")
+        try:
+            value = float(number) * _UNITS[unit]
+        except (ValueError, KeyError):
+            raise DlmError(f"{MEMORY_ENV}={given!r} is not a number of bytes (e.g. 8G, 512M)") from None
+        return int(value), MEMORY_ENV
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]), f"free on {device}"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+    except OSError:
+        pass
+    return 1 << 62, "unknown"
+
+
+def check_fits(folder: Path, device: torch.device, copies: int, what: str) -> None:
+    """One line when ``copies`` float32 copies of ``folder``'s weights (1 to hold the model; with
+    training: its gradients, AdamW's two moments and the EMA) exceed the memory available on
+    ``device`` — before any weight is read."""
+    need = float32_bytes(folder) * copies
+    free, where = available_memory(device)
+    if need > free:
+        raise DlmError(f"{folder} is too large to {what} here: {need / 2**30:.2f} GiB ({copies} float32 "
+                       f"cop{'y' if copies == 1 else 'ies'} of its weights) but {free / 2**30:.2f} GiB available "
+                       f"({where})")
+
+
 def build_architecture(folder: Path):
     """The architecture of ``folder``'s config.json with fresh weights (a run's checkpoint
     supplies the trained ones), in float32."""
@@ -176,6 +241,7 @@ class PretrainedCausalLM(Backbone):
         if cond_dim:
             raise DlmError("a pretrained causal LM has no time conditioning: set time_conditioning=false")
         folder = pretrained_folder(model_cfg.pretrained)
+        check_fits(folder, torch.device("cpu"), 1, "load")  # the model is built on the CPU
         hf = load_causal_lm(folder) if has_weights(folder) else build_architecture(folder)
         rows = hf.get_input_embeddings().num_embeddings
         if vocab_out > rows:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dlm.backbones.pretrained import PREFIX, check_causal_lm, has_weights, pretrained_folder
+from dlm.backbones.pretrained import PREFIX, check_causal_lm, check_fits, has_weights, pretrained_folder
 from dlm.errors import DlmError
 from dlm.schema import RunConfig
 
@@ -47,6 +47,10 @@ def pretrained_config(spec: str, config: str | None = None, overrides: list[str]
                        f"--init-from needs a trained model")
     flags.update({"model.pretrained": hf, "data.tokenizer": "pretrained"})
     cfg = build_config(config, list(overrides), flags)
+    from dlm.device import resolve_device
+
+    # weights, gradients, AdamW's two moments (and the EMA) on the training device
+    check_fits(folder, resolve_device(cfg.train.device), 4 + (cfg.train.ema_decay > 0), "train")
     if cfg.time_conditioning:
         raise DlmError(f"--init-from {spec}: a pretrained causal LM has no time conditioning: drop time_conditioning=true")
     cfg.time_conditioning = False  # usdm's default is on; the pretrained model has none
