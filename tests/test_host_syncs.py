@@ -19,6 +19,8 @@ import torch
 from dlm.backbones import KVCache
 from dlm.batch import Batch
 from dlm.distributed import Dist
+from dlm.samplers.autoregressive import AutoregressiveSampler, GraphReadyDecoder
+from dlm.processes.causal import Causal
 from dlm.schema import TrainConfig
 from dlm.trainer.step import accumulate_gradients
 
@@ -164,3 +166,42 @@ def test_static_shapes_setting_through_the_cli(tmp_path, capsys):
                             "--steps", "2", *TINY, "train.static_shapes=true"], capsys)
         assert code == 0, err
         assert "static_shapes: true" in (tmp_path / family / "config.yaml").read_text()
+
+
+class GraphReadySampler(AutoregressiveSampler):
+    """The AR sampler with the decoder CUDA uses (the step a CUDA graph captures), run eagerly."""
+
+    def decoder(self, model, num, length, device):
+        return GraphReadyDecoder(model, num, length, device, graph=False)
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 1.0}, {"temperature": 0.7, "top_k": 5}, {"temperature": 0.0}])
+def test_graph_ready_decode_step_draws_the_cached_samplers_tokens(settings):
+    """Positions on the device, a static cache, a fixed input buffer: the same tokens as the
+    preallocated cache under a seed, rows with prompts of different lengths, no sync a token."""
+    fam, model = tiny("ar")
+    model.eval()
+    given = torch.randint(0, V - 1, (4, 30), generator=torch.Generator().manual_seed(7))
+    clean = torch.arange(30)[None] < torch.tensor([3, 3, 5, 0])[:, None]
+    for seed in range(3):
+        outs = []
+        for cls in (AutoregressiveSampler, GraphReadySampler):
+            sampler = cls(cls.Settings(**settings))
+            with SyncCounter() as c:
+                outs.append(sampler.sample(model, Causal(fam.eos_id), given, clean, torch.Generator().manual_seed(seed)))
+            assert c.total <= 2, dict(c.counts)
+        assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1] == 30  # the row without a prompt: 30 calls
+
+
+def test_graph_ready_cache_keeps_its_position_on_the_device():
+    _, model = tiny("ar")
+    model.eval()
+    x = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    cache = KVCache.graph_ready(2, 12, "cpu")
+    with torch.no_grad():
+        steps = [model(x[:, :4], cache=cache)] + [model(x[:, i:i + 1], cache=cache) for i in range(4, 12)]
+        full = model(x)
+    assert int(cache.position) == cache.length == 12
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    with pytest.raises(ValueError, match="must be static"):
+        KVCache(2, max_len=4, position=torch.zeros((), dtype=torch.long))

@@ -89,15 +89,38 @@ class KVCache:
     (B, H, max_len, D) allocated at the prefill and written in place; attention reads the
     first ``length`` positions (the same numbers as the growing cache). ``static=True``
     (CUDA-graph-ready shapes) attends over the whole buffer instead, the positions not
-    written yet hidden by a mask, so every decoding step has the same shapes."""
+    written yet hidden by a mask, so every decoding step has the same shapes. ``position``
+    (a device tensor, with ``static``) also keeps the next position on the device: writes,
+    the mask and the rotary angles read it, and a forward pass advances it in place — a
+    decoding step is then the same kernels on the same buffers every time, what a CUDA
+    graph replays (:meth:`graph_ready`)."""
 
-    def __init__(self, n_layer: int, max_len: int | None = None, static: bool = False):
+    def __init__(self, n_layer: int, max_len: int | None = None, static: bool = False,
+                 position: torch.Tensor | None = None):
         if static and max_len is None:
             raise ValueError("a static KV cache needs max_len")
+        if position is not None and not static:
+            raise ValueError("a KV cache with its position on the device must be static")
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.length = 0
-        self.max_len, self.static = max_len, static
+        self.max_len, self.static, self.position = max_len, static, position
+
+    @classmethod
+    def graph_ready(cls, n_layer: int, max_len: int, device) -> KVCache:
+        """A static cache of ``max_len`` positions whose next position lives on ``device``."""
+        return cls(n_layer, max_len, static=True, position=torch.zeros((), dtype=torch.long, device=device))
+
+    def positions(self, T: int, device) -> torch.Tensor:
+        """(T,) the positions of the next T tokens, on the device (from ``position`` when set)."""
+        now = self.length if self.position is None else self.position
+        return now + torch.arange(T, device=device)
+
+    def advance(self, T: int) -> None:
+        """T more positions written (the host's count, and the device's in place)."""
+        self.length += T
+        if self.position is not None:
+            self.position.add_(T)
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, H, keys, D) the new positions' queries attend over, k and v
@@ -113,8 +136,13 @@ class KVCache:
         if self.k[layer] is None:
             shape = (*k.shape[:2], self.max_len, k.shape[3])
             self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
-        self.k[layer][:, :, start:start + T] = k
-        self.v[layer][:, :, start:start + T] = v
+        if self.position is not None:  # written at the device's positions: the same kernels every step
+            at = self.positions(T, k.device)
+            self.k[layer].index_copy_(2, at, k)
+            self.v[layer].index_copy_(2, at, v)
+        else:
+            self.k[layer][:, :, start:start + T] = k
+            self.v[layer][:, :, start:start + T] = v
         if self.static:
             return self.k[layer], self.v[layer]
         return self.k[layer][:, :, :start + T], self.v[layer][:, :, :start + T]
@@ -122,7 +150,7 @@ class KVCache:
     def visible(self, T: int, device: torch.device) -> torch.Tensor:
         """(T, max_len) bool: query i (position length + i) sees the keys at positions ≤ its own."""
         keys = torch.arange(self.max_len, device=device)
-        return keys[None] <= self.length + torch.arange(T, device=device)[:, None]
+        return keys[None] <= self.positions(T, device)[:, None]
 
 
 class BlockKV:
@@ -274,6 +302,8 @@ class Transformer(Backbone):
     mask (:meth:`_attention_mask`), the blocks (:meth:`_blocks`) and the output layer
     (:meth:`_output`)."""
 
+    decodes_graph_ready = True  # a KVCache.graph_ready cache decodes with the position on the device
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
@@ -384,15 +414,24 @@ class Transformer(Backbone):
         h = self.input_vectors(x, embeds)  # (B, T, C)
         B, T, _ = h.shape
         start, keys_len = self._positions(B, T, cache, kv_in, kv_out, start)
-        cos, sin = self.rotary(max(start + T, keys_len), h.device)
-        cos, sin = cos[start : start + T], sin[start : start + T]  # (T, D/2): positions start … start + T - 1
+        cos, sin = self._angles(T, start, keys_len, cache, h.device)  # (T, D/2): positions start … start + T - 1
         c = self._condition(t)  # (B, cond_dim) or None
         attn_mask = self._attention_mask(pad, T, start, keys_len, cache, kv_in, h.device)
         kv = {} if kv_in is None and kv_out is None else {"kv_in": kv_in, "kv_out": kv_out, "start": start}
         h = self._blocks(h, c, cos, sin, cache, attn_mask, kv)  # (B, T, C)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self._output(h, c, score_mask, head_fn, score_count)
+
+    def _angles(self, T: int, start: int, keys_len: int, cache: KVCache | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary cos / sin (T, D/2) of the input's positions (read on the device when the
+        cache keeps its position there)."""
+        if cache is not None and cache.position is not None:
+            cos, sin = self.rotary(cache.max_len, device)
+            at = cache.positions(T, device)
+            return cos[at], sin[at]
+        cos, sin = self.rotary(max(start + T, keys_len), device)
+        return cos[start : start + T], sin[start : start + T]
 
     def _positions(self, B: int, T: int, cache: KVCache | None, kv_in: BlockKV | None,
                    kv_out: BlockKV | None, start: int) -> tuple[int, int]:

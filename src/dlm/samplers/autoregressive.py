@@ -1,4 +1,13 @@
-"""Left-to-right sampling of the causal baseline with a KV cache: one network call per token."""
+"""Left-to-right sampling of the causal baseline with a KV cache: one network call per token.
+
+The decoding step runs through a *decoder* (:meth:`AutoregressiveSampler.decoder`): on the
+CPU the preallocated KV cache (:class:`CachedDecoder`); on CUDA, for the dlm transformer, a
+CUDA graph of the step (:class:`GraphReadyDecoder`): a static cache attended over whole,
+the next position a device tensor the step advances itself, the input token a fixed buffer
+— every step the same kernels on the same memory, replayed as one launch instead of a few
+hundred. The graph-ready step run eagerly gives the cached decoder's tokens (float32
+rounding apart: ``tests/test_host_syncs.py``).
+"""
 
 from __future__ import annotations
 
@@ -53,14 +62,89 @@ class AutoregressiveSampler(Sampler):
         out = prefix[:, 1:]
         if out.shape[1] >= length:
             return out[:, :length], 0
-        cache = KVCache(model.cfg.n_layer, max_len=length)  # preallocated: written in place
-        logits = model(prefix, cache=cache)[:, -1]  # prefill: (B, V)
+        decode = self.decoder(model, num, length, prompt.device)
+        logits = decode.prefill(prefix)  # (B, V)
         nfe = 1
         while out.shape[1] < length:
             nxt = sample_categorical(filter_logits(logits, self.options), generator)[:, None]  # (B, 1)
             out = torch.cat([out, nxt], dim=1)
             grown(out)
             if out.shape[1] < length:
-                logits = model(nxt, cache=cache)[:, -1]
+                logits = decode(nxt)
                 nfe += 1
         return out, nfe
+
+    def decoder(self, model, num: int, length: int, device: torch.device):
+        """The decoding steps of ``num`` rows of ``length`` positions: a CUDA graph on CUDA for
+        the dlm transformer (positions on the device), the preallocated cache elsewhere."""
+        if device.type == "cuda" and getattr(model, "decodes_graph_ready", False):
+            return GraphReadyDecoder(model, num, length, device, graph=True)
+        return CachedDecoder(model, length)
+
+
+class CachedDecoder:
+    """``prefill(prefix)`` then ``__call__(token)``: the last position's logits (B, V), with a
+    KV cache preallocated for ``length`` positions (written in place)."""
+
+    def __init__(self, model, length: int):
+        self.model = model
+        self.cache = KVCache(model.cfg.n_layer, max_len=length)
+
+    def prefill(self, prefix: torch.Tensor) -> torch.Tensor:
+        return self.model(prefix, cache=self.cache)[:, -1]
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        return self.model(token, cache=self.cache)[:, -1]
+
+
+class GraphReadyDecoder(CachedDecoder):
+    """The decoding step with fixed shapes: a static cache whose position is a device tensor
+    (:meth:`KVCache.graph_ready`), the token copied into a fixed (B, 1) buffer. With
+    ``graph`` (CUDA) the step is captured once, after ``WARMUP`` eager steps on a side
+    stream, in a ``torch.cuda.CUDAGraph`` and replayed from then on; without, the same step
+    runs eagerly (what the CPU tests compare with :class:`CachedDecoder`)."""
+
+    WARMUP = 2
+
+    def __init__(self, model, num: int, length: int, device: torch.device, graph: bool):
+        self.model = model
+        self.cache = KVCache.graph_ready(model.cfg.n_layer, length, device)
+        self.token = torch.zeros((num, 1), dtype=torch.long, device=device)
+        self.graph, self.steps, self.logits = graph, 0, None
+
+    def step(self) -> torch.Tensor:
+        """The step a graph captures: the logits (B, V) after the token in ``self.token``."""
+        return self.model(self.token, cache=self.cache)[:, -1]
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token)
+        self.steps += 1
+        if not self.graph:
+            return self.step()
+        if isinstance(self.graph, torch.cuda.CUDAGraph):
+            self.graph.replay()  # the position advances inside the graph; the host keeps count
+            self.cache.length += 1
+            return self.logits
+        if self.steps <= self.WARMUP:  # eager, on a side stream (what capturing asks first)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            return logits
+        self.graph = capture(self.step, self)
+        return self(token)  # replays the step just captured (capturing runs nothing)
+
+
+def capture(step, decoder: GraphReadyDecoder) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``step()``, its output kept in ``decoder.logits``: under the caller's
+    autocast without its weight cache (a cached cast would be freed under the graph), the
+    host's position count restored (the capture ran the Python, not the kernels)."""
+    graph, length = torch.cuda.CUDAGraph(), decoder.cache.length
+    dtype = torch.get_autocast_dtype("cuda")
+    with torch.autocast("cuda", dtype=dtype, enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
+        with torch.cuda.graph(graph):
+            decoder.logits = step()
+    decoder.cache.length = length
+    decoder.steps -= 1  # the replay that follows counts this step
+    return graph
