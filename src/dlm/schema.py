@@ -96,6 +96,10 @@ class TrainConfig:
     # included, is reported apart as compile_s and kept out of tokens/s
     compile: bool = False
     init_from: str | None = None  # fine-tune: start from this run's weights (fresh optimiser); set by --init-from
+    # DiffuLLaMA's attention-mask annealing (a pretrained causal LM adapted to diffusion): at step s
+    # each query attends causally and to each later key with probability s / N, one random (L, L)
+    # mask a step; full attention from step N on; 0: full attention from the start
+    attention_anneal_steps: int = setting(0, lo=0)
 
 
 @dataclass

@@ -87,6 +87,15 @@ class Backbone(nn.Module, ABC):
                 pad: torch.Tensor | None = None, head_fn=None):
         """Logits at the ``score_mask`` positions (see the class docstring)."""
 
+    def anneal_attention(self, allowed: torch.Tensor | None) -> None:
+        """DiffuLLaMA's attention-mask annealing (``train.attention_anneal_steps``): until the
+        next call, training forwards let each query attend only where ``allowed`` (L, L) bool
+        is true (None: the backbone's own attention). A backbone without it refuses, in one line."""
+        from dlm.errors import DlmError
+
+        raise DlmError(f"train.attention_anneal_steps is for a pretrained causal LM adapted to diffusion "
+                       f"(--init-from hf:FOLDER with a bidirectional family); this backbone is a {type(self).__name__}")
+
     def input_vectors(self, x: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
         """(B, L, d_model): ``embed(x)``, or ``embeds`` as given; exactly one of the two."""
         if (x is None) == (embeds is None):

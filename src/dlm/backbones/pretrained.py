@@ -233,7 +233,13 @@ class PretrainedCausalLM(Backbone):
         self.cfg = PretrainedShape(layers, hidden, vocab_in, vocab_out, causal)
         self.d_model, self.vocab_in, self.vocab_out, self.causal = hidden, vocab_in, vocab_out, causal
         self.time_conditioned = False
+        self.allowed: torch.Tensor | None = None  # (L, L) bool while the attention mask anneals
         self._register_state_dict_hook(_untie)
+
+    def anneal_attention(self, allowed: torch.Tensor | None) -> None:
+        if self.causal:
+            super().anneal_attention(allowed)  # refused: the model is causal already
+        self.allowed = allowed
 
 
     @classmethod
@@ -261,12 +267,16 @@ class PretrainedCausalLM(Backbone):
 
     def _mask(self, pad: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor | None:
         """Causal: transformers' 2-D mask (1 keep) or None. Bidirectional: a (B, 1, T, T) bool
-        mask — every key but the padded ones, and each query itself."""
+        mask — every key but the padded ones (while annealing, in training: only the keys
+        ``allowed``), and each query itself."""
         if self.causal:
             return None if pad is None else (~pad).long()
-        if pad is None:
-            return torch.ones(B, 1, T, T, dtype=torch.bool, device=device)
-        return ~pad[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=device)
+        keys = torch.ones(B, 1, T, T, dtype=torch.bool, device=device) if pad is None else ~pad[:, None, None, :]
+        if self.training and self.allowed is not None:  # DiffuLLaMA's annealing: causal + some future keys
+            keys = keys & self.allowed[:T, :T].to(device)
+        if pad is None and not (self.training and self.allowed is not None):
+            return keys
+        return keys | torch.eye(T, dtype=torch.bool, device=device)
 
     def forward(self, x=None, t=None, cache=None, score_mask=None, pad=None, *, embeds=None, head_fn=None,
                 score_count=None, **unused):

@@ -24,7 +24,7 @@ from dlm.trainer.ema import EMA
 from dlm.trainer.reporting import Reporter
 from dlm.trainer.setup import build_optimizer, load_init_weights, prepare_run_data
 from dlm.trainer.state import TrainState
-from dlm.trainer.step import accumulate_gradients, lr_at, step_seed
+from dlm.trainer.step import accumulate_gradients, annealed_attention, lr_at, step_seed
 from dlm.trainer.stopping import Stopping
 from dlm.trainer.throughput import Throughput
 
@@ -95,6 +95,8 @@ class Trainer:
         model = self.family.build_model()
         if init_from is not None:
             load_init_weights(model, init_from)
+        if self.cfg.train.attention_anneal_steps:
+            model.anneal_attention(None)  # one line from a backbone that cannot
         self.model = model.to(self.device)
         self.params = self.model.num_params()
         self.per_token = flops_per_token(self.model, self.cfg.data.seq_len)
@@ -134,6 +136,9 @@ class Trainer:
             group["lr"] = lr
         t_step = time.perf_counter()
         noise = generator(self.device, step_seed(t.seed, state.step))
+        if t.attention_anneal_steps:
+            self.model.anneal_attention(annealed_attention(t.seed, state.step, t.attention_anneal_steps,
+                                                           self.cfg.data.seq_len))
         batches = (self.loader.next_batch().to(self.device, non_blocking=True) for _ in range(t.grad_accum))
         loss = accumulate_gradients(self.family, self.net, self.model, batches, noise, self.dist, self.device)
         self.guard.observe(loss)

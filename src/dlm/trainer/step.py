@@ -26,6 +26,20 @@ def step_seed(seed: int, step: int) -> int:
     return int(hashlib.sha1(f"{seed}/0/{step}".encode()).hexdigest()[:15], 16)
 
 
+def annealed_attention(seed: int, step: int, anneal_steps: int, length: int) -> torch.Tensor | None:
+    """DiffuLLaMA's attention-mask annealing at ``step`` (``train.attention_anneal_steps`` =
+    ``anneal_steps``): a (length, length) bool mask, causal or-ed with a Bernoulli(step /
+    anneal_steps) draw over all pairs, the same for every row and rank and drawn from (seed,
+    step) alone, so a resumed run draws what the uninterrupted one drew; None (full
+    attention) from ``anneal_steps`` on. Step 0 is causal. (DiffuLLaMA's ratio is (step + 1) /
+    anneal_steps: its first step already sees some future keys.)"""
+    if step >= anneal_steps:
+        return None
+    g = torch.Generator().manual_seed(int(hashlib.sha1(f"{seed}/attention/{step}".encode()).hexdigest()[:15], 16))
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return causal | (torch.rand(length, length, generator=g) < step / anneal_steps)
+
+
 def lr_at(cfg: RunConfig, step: int, progress: float) -> float:
     """Linear warm-up over ``warmup_steps``, then cosine from lr to lr·min_lr_ratio."""
     t = cfg.train
