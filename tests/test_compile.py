@@ -161,3 +161,31 @@ def test_no_compiler_is_one_line_and_no_run_folder(corpus, tmp_path, capsys, mon
                            capsys)
     one_line_error(code, err, "--compile", "C++ compiler")
     assert not out.exists()
+
+
+def test_compile_is_on_by_default_on_cuda_only():
+    from dlm.config import RunConfig
+    from dlm.schema import TrainConfig
+    from dlm.trainer.compiling import with_compile_resolved
+
+    unset = RunConfig()
+    assert unset.train.compile is None
+    assert with_compile_resolved(unset, torch.device("cuda")).train.compile is True
+    assert with_compile_resolved(unset, torch.device("cpu")).train.compile is False
+    for chosen in (True, False):  # the override, on either device
+        cfg = RunConfig(train=TrainConfig(compile=chosen))
+        assert all(with_compile_resolved(cfg, torch.device(d)).train.compile is chosen for d in ("cpu", "cuda"))
+
+
+def test_unset_compile_trains_eagerly_on_the_cpu_and_is_recorded(corpus, tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "r"
+    code, stdout, err = run(["train", "--data", str(corpus), "--out", str(out), "--steps", "2", *TINY, "--json"], capsys)
+    assert code == 0, err
+    assert "compile_s" not in json.loads(stdout.strip().splitlines()[-1])
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["compile"] is False
+    code, _, err = run(["train", "--data", str(corpus), "--out", str(tmp_path / "bad"), "--steps", "2", *TINY,
+                        "train.compile=maybe"], capsys)
+    one_line_error(code, err, "train.compile")
+    assert not (tmp_path / "bad").exists()

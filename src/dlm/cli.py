@@ -72,10 +72,10 @@ def cmd_train(args) -> int:
         "tokens_per_s": round(result.tokens_per_s, 1),
         "elapsed_s": round(result.elapsed_s, 1),
         "params": result.params,
-        **({"compile_s": round(result.compile_s, 1)} if cfg.train.compile else {}),
+        **({"compile_s": round(result.compile_s, 1)} if result.compile_s else {}),  # compiled (on CUDA by default)
         **({"steps_asked": result.steps, "time_budget_ended": True} if result.time_budget_ended else {}),
     }
-    compiled = f"; compiling {result.compile_s:.0f} s (inductor's start-up and the first step)" if cfg.train.compile else ""
+    compiled = f"; compiling {result.compile_s:.0f} s (inductor's start-up and the first step)" if result.compile_s else ""
     print(json.dumps(summary) if args.json else f"trained {out}: step {result.step}, loss {result.loss:.4f}, "
           f"{result.tokens_per_s:,.0f} tokens/s, {result.elapsed_s:.0f} s{compiled}")
     if result.time_budget_ended:
@@ -464,7 +464,8 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--parallel", choices=["ddp", "fsdp"],
                    help="under torchrun: ddp (default) or fsdp (FSDP2: weights, gradients, optimiser and EMA sharded)")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the transformer blocks (compile time reported apart; --resume may switch it)")
+                   help="torch.compile the transformer blocks, head and loss (default: on CUDA only; compile time "
+                        "reported apart; --resume may switch it)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     t.add_argument("--init-from", help="fine-tune: start from this run's weights, config and tokenizer (fresh optimiser)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -92,9 +92,11 @@ class TrainConfig:
     # loss (dlm.objectives.fused: chunks of rows, the gradient formed in the forward, the (N, V)
     # logits never whole; train.loss_chunk_rows then has nothing to chunk); false: the plain head
     fused_head: bool = True
-    # torch.compile each transformer block (inductor); the first step's wall time, compilation
-    # included, is reported apart as compile_s and kept out of tokens/s
-    compile: bool = False
+    # torch.compile each transformer block and, with static shapes, the output layer with its
+    # loss (inductor); the first step's wall time, compilation included, is reported apart as
+    # compile_s and kept out of tokens/s; unset: on CUDA only (on a CPU compiling does not pay
+    # for a run of minutes: benchmarks/speed/README.md), recorded as it was resolved
+    compile: bool | None = None
     init_from: str | None = None  # fine-tune: start from this run's weights (fresh optimiser); set by --init-from
     # DiffuLLaMA's attention-mask annealing (a pretrained causal LM adapted to diffusion): at step s
     # each query attends causally and to each later key with probability s / N, one random (L, L)

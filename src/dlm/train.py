@@ -20,7 +20,7 @@ from dlm.distill.trainer import DistillTrainer
 from dlm.distributed import init_distributed
 from dlm.runlock import run_lock
 # the loop's pieces, importable from here as before they moved into dlm.trainer
-from dlm.trainer.compiling import check_compile, compile_blocks
+from dlm.trainer.compiling import check_compile, compile_blocks, with_compile_resolved
 from dlm.trainer.ema import EMA
 from dlm.trainer.loop import Trainer, TrainResult
 from dlm.trainer.metrics_log import MetricsLog
@@ -54,6 +54,7 @@ def train(
     dist = init_distributed(device, cfg.train.parallel)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
+    cfg = with_compile_resolved(cfg, device)
     try:
         probe_s = check_compile(device) if cfg.train.compile else 0.0  # before any work
         # one writer per run folder: a second `--resume` of a run in use stops with one line

@@ -1,12 +1,22 @@
-"""``train.compile``: the compiler check before any work, and the compiled blocks."""
+"""``train.compile``: on CUDA by default, the compiler check before any work, and the compiled blocks."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
 from dlm.errors import DlmError
+
+
+def with_compile_resolved(cfg, device: torch.device):
+    """``cfg`` with ``train.compile`` decided: unset, on CUDA only (the blocks, and with static
+    shapes the output layer and its loss, compiled); on a CPU compiling costs more than it
+    saves in a run of minutes (``benchmarks/speed/README.md``). The run folder records it so."""
+    if cfg.train.compile is not None:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=device.type == "cuda"))
 
 
 def check_compile(device: torch.device) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from dlm.backbones.pretrained import save_architecture, with_run_architecture
 from dlm.checkpoint import Checkpoint, create_run_dir
 from dlm.config import RunConfig
 from dlm.data import BlockLoader, TokenData
+from dlm.data.loader import PrefetchLoader
 from dlm.device import generator
 from dlm.distributed import Dist
 from dlm.errors import DlmError
@@ -65,7 +67,8 @@ class Trainer:
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         # one global batch of batch_size × world blocks per micro-step; rank r takes rows r::world
         lengths = self.data.lengths("train") if cfg.data.sft_length == "batch" else None
-        self.loader = BlockLoader(train_rows, t.batch_size * dist.world, t.seed, clean=train_clean, lengths=lengths)
+        self.loader = PrefetchLoader(BlockLoader(train_rows, t.batch_size * dist.world, t.seed, clean=train_clean,
+                                                 lengths=lengths), pin=device.type == "cuda")  # read ahead in a thread
         self.state = TrainState()
         self.checkpointer = Checkpointer(out, dist, self.model, self.opt, self.ema, self.loader, device,
                                          t.keep_checkpoints)
@@ -119,7 +122,7 @@ class Trainer:
         """Steps until ``train.steps``, the time budget or a signal, then a last checkpoint."""
         self.throughput.start(self.state.start_session())
         self.model.train()
-        with self.reporter, self.stopping:
+        with self.reporter, self.stopping, contextlib.closing(self.loader):
             while self.stopping.should_continue(self.state.step):
                 self.train_step()
                 self.after_step(time.perf_counter())
