@@ -20,6 +20,8 @@ from dlm.backbones import KVCache
 from dlm.batch import Batch
 from dlm.distributed import Dist
 from dlm.samplers.autoregressive import AutoregressiveSampler, GraphReadyDecoder
+from dlm.samplers.graphs import GraphedTrunk
+from dlm.samplers.masked_ancestral import MaskedAncestralSampler
 from dlm.processes.causal import Causal
 from dlm.schema import TrainConfig
 from dlm.trainer.step import accumulate_gradients
@@ -205,3 +207,32 @@ def test_graph_ready_cache_keeps_its_position_on_the_device():
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
     with pytest.raises(ValueError, match="must be static"):
         KVCache(2, max_len=4, position=torch.zeros((), dtype=torch.long))
+
+
+class TrunkReadySampler(MaskedAncestralSampler):
+    """``cache: false`` through the fixed-shape trunk CUDA would capture, run eagerly."""
+
+    def trunk(self, model, x, t, pad):
+        return GraphedTrunk(model, x, t, pad, graph=False)
+
+
+@pytest.mark.parametrize("time_conditioned", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_graph_ready_trunk_step_draws_the_reference_tokens(time_conditioned, padded):
+    """The no-cache ancestral step as the whole-batch trunk at fixed (B, L) from static
+    buffers, the output layer after the read: the reference sampler's tokens under a seed."""
+    fam, model = tiny("mdlm", "ancestral", {"steps": 16, "cache": False}, time_conditioning=time_conditioned)
+    model.eval()
+    given = torch.randint(0, V - 1, (3, 20), generator=torch.Generator().manual_seed(2))
+    clean = torch.arange(20)[None] < torch.tensor([4, 0, 7])[:, None]
+    pad = (torch.arange(20)[None] >= torch.tensor([20, 17, 20])[:, None]) if padded else None
+    for seed in range(3):
+        outs = []
+        for cls in (MaskedAncestralSampler, TrunkReadySampler):
+            sampler = cls(cls.Settings(steps=16, cache=False))
+            with SyncCounter() as c:
+                tokens, nfe = sampler.sample(model, fam.process, given, clean, torch.Generator().manual_seed(seed),
+                                             time_conditioned, pad)
+            assert c.total <= nfe, dict(c.counts)
+            outs.append((tokens, nfe))
+        assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]

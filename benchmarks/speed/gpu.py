@@ -32,6 +32,8 @@ Then, each in a fresh process with a time limit, the JSON rewritten after every 
   weights do not change the work): AR with its KV cache, MDLM's masked ancestral sampler
   and Fast-dLLM (their default settings, recorded), at batch 1 and ``--sample-batch`` (16),
   bf16 autocast (dlm's default on CUDA); samples/s and tokens/s, after a short warm-up call.
+  CUDA graphs (on by default on CUDA) against the same sampler without them (``-eager``):
+  AR's decoding step, and masked ancestral with ``cache: false`` (its whole-batch step).
 
 A configuration that fails (an error, out of memory, its time limit) is recorded with its
 error and the others go on; the exit status is then 1. Writes ``$OUT/speed_gpu.json`` when
@@ -154,12 +156,20 @@ def child_anchor(size: str, seq_len: int, batch: int, steps: int) -> dict:
             "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
 
 
-def child_sample(run: str, sampler: str, batch: int, length: int) -> dict:
+def child_sample(run: str, sampler: str, batch: int, length: int, graphs: str = "on", *overrides: str) -> dict:
+    """One sampling configuration; ``graphs`` off: the network calls without CUDA graphs (the
+    samplers' plain decoder / no trunk: what CUDA would run without them), ``overrides``
+    sampler.KEY=VALUE settings."""
     from dlm.runs import load_run
+    from dlm.samplers.autoregressive import AutoregressiveSampler, CachedDecoder
+    from dlm.samplers.masked_ancestral import MaskedAncestralSampler
     from dlm.service.sampling import generate, sampler_settings
 
+    if graphs == "off":  # this child process only
+        AutoregressiveSampler.decoder = lambda self, model, num, length, device: CachedDecoder(model, length)
+        MaskedAncestralSampler.trunk = lambda self, model, x, t, pad: None
     loaded = load_run(Path(run))
-    settings = sampler_settings(loaded, name=sampler)
+    settings = sampler_settings(loaded, name=sampler, overrides=overrides)
     generate(loaded, batch, min(length, 32), settings=settings)  # warm-up: kernels, allocator
     tokens, nfe, seconds = generate(loaded, batch, length, settings=settings, seed=1)
     return {"seconds": seconds, "samples_per_s": batch / seconds, "tokens_per_s": batch * length / seconds,
@@ -167,7 +177,7 @@ def child_sample(run: str, sampler: str, batch: int, length: int) -> dict:
 
 
 CHILDREN = {"train": lambda a: child_train(a), "anchor": lambda a: child_anchor(a[0], int(a[1]), int(a[2]), int(a[3])),
-            "sample": lambda a: child_sample(a[0], a[1], int(a[2]), int(a[3]))}
+            "sample": lambda a: child_sample(a[0], a[1], int(a[2]), int(a[3]), *a[4:])}
 
 
 # ---- the parent ----------------------------------------------------------------------------
@@ -280,17 +290,27 @@ def read_metrics(out: Path, row: dict) -> None:
         else None
 
 
+# (family, sampler, variant, graphs, overrides): CUDA graphs are on by default on CUDA (the AR
+# decoding step; the whole-batch step of masked ancestral with cache: false); "-eager" without
+SAMPLING = (("ar", "ancestral", "ancestral", "on", ()), ("ar", "ancestral", "ancestral-eager", "off", ()),
+            ("mdlm", "ancestral", "ancestral", "on", ()),
+            ("mdlm", "ancestral", "ancestral-nocache", "on", ("sampler.cache=false",)),
+            ("mdlm", "ancestral", "ancestral-nocache-eager", "off", ("sampler.cache=false",)),
+            ("mdlm", "fast-dllm", "fast-dllm", "on", ()))
+
+
 def sample_part(bench: Bench, runs: dict[str, Path]) -> None:
     a = bench.args
-    for family, sampler in (("ar", "ancestral"), ("mdlm", "ancestral"), ("mdlm", "fast-dllm")):
+    for family, sampler, variant, graphs, overrides in SAMPLING:
         for batch in (1, a.sample_batch):
-            row = {"part": "sample", "family": family, "variant": f"{sampler}@{batch}", "sampler": sampler,
-                   "batch": batch, "length": a.sample_length}
+            row = {"part": "sample", "family": family, "variant": f"{variant}@{batch}", "sampler": sampler,
+                   "batch": batch, "length": a.sample_length, "cuda_graphs": graphs == "on"}
             if family not in runs:
                 row["error"] = f"not run: no {family} run folder (its training failed)"
                 bench.done(row)
                 continue
-            bench.child("sample", [str(runs[family]), sampler, str(batch), str(a.sample_length)], row, a.sample_limit_s)
+            bench.child("sample", [str(runs[family]), sampler, str(batch), str(a.sample_length), graphs, *overrides],
+                        row, a.sample_limit_s)
 
 
 def main() -> None:

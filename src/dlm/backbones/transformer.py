@@ -302,7 +302,9 @@ class Transformer(Backbone):
     mask (:meth:`_attention_mask`), the blocks (:meth:`_blocks`) and the output layer
     (:meth:`_output`)."""
 
-    decodes_graph_ready = True  # a KVCache.graph_ready cache decodes with the position on the device
+    # CUDA-graph-ready: a KVCache.graph_ready cache decodes with the position on the device, and
+    # head_fn / logits_of split a whole-batch call into a fixed-shape trunk and the output layer
+    graph_ready = True
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()

@@ -18,6 +18,7 @@ from dlm.device import to_host
 from dlm.errors import DlmError
 from dlm.processes.causal import Causal
 from dlm.samplers.base import UNSET, Sampler, filter_logits, sample_categorical
+from dlm.samplers.graphs import WARMUP, capture, on_side_stream
 
 
 def prefix_lengths(clean: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ class AutoregressiveSampler(Sampler):
     def decoder(self, model, num: int, length: int, device: torch.device):
         """The decoding steps of ``num`` rows of ``length`` positions: a CUDA graph on CUDA for
         the dlm transformer (positions on the device), the preallocated cache elsewhere."""
-        if device.type == "cuda" and getattr(model, "decodes_graph_ready", False):
+        if device.type == "cuda" and getattr(model, "graph_ready", False):
             return GraphReadyDecoder(model, num, length, device, graph=True)
         return CachedDecoder(model, length)
 
@@ -104,8 +105,6 @@ class GraphReadyDecoder(CachedDecoder):
     stream, in a ``torch.cuda.CUDAGraph`` and replayed from then on; without, the same step
     runs eagerly (what the CPU tests compare with :class:`CachedDecoder`)."""
 
-    WARMUP = 2
-
     def __init__(self, model, num: int, length: int, device: torch.device, graph: bool):
         self.model = model
         self.cache = KVCache.graph_ready(model.cfg.n_layer, length, device)
@@ -121,30 +120,12 @@ class GraphReadyDecoder(CachedDecoder):
         self.steps += 1
         if not self.graph:
             return self.step()
-        if isinstance(self.graph, torch.cuda.CUDAGraph):
-            self.graph.replay()  # the position advances inside the graph; the host keeps count
-            self.cache.length += 1
-            return self.logits
-        if self.steps <= self.WARMUP:  # eager, on a side stream (what capturing asks first)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                logits = self.step()
-            torch.cuda.current_stream().wait_stream(side)
-            return logits
-        self.graph = capture(self.step, self)
-        return self(token)  # replays the step just captured (capturing runs nothing)
-
-
-def capture(step, decoder: GraphReadyDecoder) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of ``step()``, its output kept in ``decoder.logits``: under the caller's
-    autocast without its weight cache (a cached cast would be freed under the graph), the
-    host's position count restored (the capture ran the Python, not the kernels)."""
-    graph, length = torch.cuda.CUDAGraph(), decoder.cache.length
-    dtype = torch.get_autocast_dtype("cuda")
-    with torch.autocast("cuda", dtype=dtype, enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
-        with torch.cuda.graph(graph):
-            decoder.logits = step()
-    decoder.cache.length = length
-    decoder.steps -= 1  # the replay that follows counts this step
-    return graph
+        if self.steps <= WARMUP:  # real steps: each writes the cache and advances the position
+            return on_side_stream(self.step)
+        if not isinstance(self.graph, torch.cuda.CUDAGraph):
+            length = self.cache.length
+            self.graph, self.logits = capture(self.step)  # runs the Python, not the kernels:
+            self.cache.length = length  # the host's count back
+        self.graph.replay()  # the position advances inside the graph; the host keeps count
+        self.cache.length += 1
+        return self.logits

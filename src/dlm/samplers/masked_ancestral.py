@@ -44,6 +44,7 @@ from dlm.device import to_host, true_positions
 from dlm.settings import setting
 from dlm.processes.masked import MaskedProcess
 from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical, start_from_prior
+from dlm.samplers.graphs import GraphedTrunk
 
 
 class NetworkCalls:
@@ -185,8 +186,11 @@ class MaskedAncestralSampler(Sampler):
                    time_conditioned: bool, pad, counter: NetworkCalls) -> torch.Tensor:
         """``cache: false``: the whole batch at every step that has masks left, one host read a
         step (= a network call): the step's unmasking counts and the masks left. The first
-        call, before any read, computes the logits at every position."""
+        call, before any read, computes the logits at every position. Through a
+        :meth:`trunk` (CUDA: a graph at fixed (B, L)), the output layer runs after the read,
+        at the positions that unmask."""
         num, left = x.shape[0], None
+        trunk = self.trunk(model, x, torch.full((num,), 1.0, device=x.device) if time_conditioned else None, pad)
         for i, p in enumerate(p_unmask):
             if left == 0:
                 break
@@ -194,21 +198,33 @@ class MaskedAncestralSampler(Sampler):
             t_batch = torch.full((num,), times[i], device=x.device) if time_conditioned else None
             counter.calls += 1
             counter.rows += num
-            # (left, V) at the masked positions; (B·L, V) at the first step
-            logits = model(x, t_batch, score_mask=None if left is None else masked, pad=pad, score_count=left)
+            if trunk is not None:
+                h = trunk.hidden(x, t_batch)  # (B, L, C)
+            else:  # (left, V) at the masked positions; (B·L, V) at the first step
+                logits = model(x, t_batch, score_mask=None if left is None else masked, pad=pad, score_count=left)
             u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
             unmask = masked & (u < p)
             read = to_host(torch.cat([unmask.sum(-1), masked.sum().reshape(1)]))  # the step's one read
             per_row, n = read[:-1], sum(read[:-1])
             if n:  # (n, V): the masked positions that unmask now
-                at = true_positions(unmask, n) if left is None else true_positions(
-                    unmask.reshape(-1)[true_positions(masked, read[-1])], n)
-                tokens = sample_categorical(filter_logits(logits.reshape(-1, logits.shape[-1])[at], self.options),
-                                            generator)
+                if trunk is not None:
+                    rows = trunk.logits(h, true_positions(unmask, n))
+                else:
+                    at = true_positions(unmask, n) if left is None else true_positions(
+                        unmask.reshape(-1)[true_positions(masked, read[-1])], n)
+                    rows = logits.reshape(-1, logits.shape[-1])[at]
+                tokens = sample_categorical(filter_logits(rows, self.options), generator)
                 x = x.reshape(-1).scatter(0, true_positions(unmask, n), tokens).view_as(x)
             left = read[-1] - n
             self.record(x)
         return x
+
+    def trunk(self, model, x: torch.Tensor, t: torch.Tensor | None, pad) -> GraphedTrunk | None:
+        """The whole-batch network of ``cache: false`` as a CUDA graph at fixed (B, L), on CUDA
+        for the dlm transformer (a guided model is not one); None: plain calls."""
+        if x.device.type == "cuda" and getattr(model, "graph_ready", False):
+            return GraphedTrunk(model, x, t, pad, graph=True)
+        return None
 
 
 UNLIKELY = 1e-6  # the chance a window of steps drawn ahead holds no unmasking step, at most
