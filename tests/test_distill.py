@@ -5,6 +5,9 @@ step count, exact resume, and bad settings refused before anything is written.""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,6 +206,34 @@ def test_a_resumed_distillation_ends_with_the_weights_of_an_unbroken_one(teacher
         assert resumed.keys() == final.keys()
         for k in final:
             assert torch.equal(resumed[k], final[k]), (step, k)
+
+
+@pytest.mark.slow
+def test_fsdp_distillation_follows_one_process_and_resumes(teachers, tmp_path):
+    """Two processes under FSDP2 (torchrun, Gloo; global batch 8 as 4 + 4) end with the weights
+    of one process with batch 8: each round's hand-over gathers the sharded student into every
+    rank's teacher. Cut mid-round 1 (the teacher from trainer.pt), resumed under FSDP2: bit for bit."""
+    teacher, steps = teachers["mdlm"], ["--rounds", "2", "--steps-per-round", "2", "train.ckpt_every=1",
+                                        "train.keep_checkpoints=10"]
+
+    def torchrun(*argv):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                            "dlm", "distill", str(teacher), *argv], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    one = _distill(teacher, tmp_path / "one", *steps, "train.batch_size=8")
+    r = torchrun("--out", str(tmp_path / "fsdp"), *DISTILL, *steps, "train.batch_size=4", "train.parallel=fsdp")
+    assert r.stdout.count("distilled ") == 1  # rank 0 alone reports
+    final = load_file(tmp_path / "fsdp" / "checkpoints" / "step_00000004" / "model.safetensors")
+    alone = load_file(one / "checkpoints" / "step_00000004" / "model.safetensors")
+    for k in alone:
+        torch.testing.assert_close(final[k], alone[k], rtol=1e-4, atol=2e-5, msg=k)
+    cut = back_to_step(tmp_path / "fsdp", tmp_path / "cut", 3)
+    torchrun("--out", str(cut), "--resume", "--quiet")
+    resumed = load_file(cut / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
 
 
 # ---- bad settings -----------------------------------------------------------------------------

@@ -591,6 +591,8 @@ def cmd_distill(args) -> int:
     flags = {k: v for k, v in flags.items() if v is not None}
     result, cfg = distill(Path(args.run), Path(args.out), args.config, args.overrides, flags, args.resume,
                           progress=not args.quiet)
+    if not _is_main_rank():
+        return 0  # under torchrun, rank 0 reports
     d = cfg.distill
     summary = {"run": args.out, "teacher": d.teacher, "student_steps": d.student_steps, "rounds": d.rounds,
                "step": result.step, "divergence": d.divergence, "loss": result.loss,

@@ -54,6 +54,13 @@ def check_teacher(teacher: Path, family: str) -> None:
         raise DlmError(f"distill.teacher {teacher} has no checkpoint to distil from")
 
 
+def whole(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The student's weights whole on every rank: under FSDP2 each parameter is a DTensor
+    sharded over the ranks, gathered here (collective: every rank calls it, at the same step);
+    the teacher is an ordinary module on each rank."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+
+
 class DistillTrainer(Trainer):
     def __init__(self, cfg, *args, **kwargs):
         check_teacher(Path(cfg.distill.teacher), cfg.family)
@@ -81,6 +88,6 @@ class DistillTrainer(Trainer):
         round_ = min(self.state.step // d.steps_per_round, d.rounds - 1)
         if round_ != self.method.round:  # a new round: the student teaches it
             with torch.no_grad():
-                self.method.teacher.load_state_dict(self.model.state_dict())
+                self.method.teacher.load_state_dict(whole(self.model.state_dict()))
             self.method.round = round_
         super().train_step()
