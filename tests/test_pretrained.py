@@ -164,13 +164,23 @@ def test_the_ar_sampler_s_cache_gives_the_uncached_tokens(folders):
     ("t5", "is not a causal LM transformers can load"),
     ("unknown", "does not recognize this architecture"),
     ("noeos", "no end-of-text token"),
+    ("garbled", "is not a readable safetensors file"),
+    ("partial", "do not cover its config.json's architecture"),
+    ("misshapen", "the shapes of some of its tensors do not fit its config.json"),
 ])
 def test_a_bad_pretrained_folder_is_one_line_and_writes_nothing(tmp_path, capsys, setup, fragment):
+    from safetensors.torch import save_file
+
     folder = tmp_path / setup
-    if setup == "noeos":
-        tiny_causal_lm(folder, "gpt2", eos=False)
+    if setup in ("noeos", "garbled", "partial", "misshapen"):
+        tiny_causal_lm(folder, "gpt2", eos=setup != "noeos")
     else:
         folder.mkdir()
+    if setup == "garbled":
+        (folder / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{not json}      ")
+    if setup in ("partial", "misshapen"):  # the embedding alone, of the right shape or not
+        save_file({"transformer.wte.weight": torch.zeros(V if setup == "partial" else 3, 32)},
+                  folder / "model.safetensors")
     if setup == "t5":
         transformers.T5Config(vocab_size=64, d_model=16, num_layers=1, num_heads=2, d_ff=32).save_pretrained(folder)
     if setup == "unknown":

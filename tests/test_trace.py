@@ -149,6 +149,15 @@ def test_an_unwritable_trace_folder_is_one_line(runs, tmp_path, capsys):
     assert not list(locked.iterdir())
 
 
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="no sysfs (not Linux)")
+def test_a_trace_where_not_even_root_may_write_is_one_line(runs, capsys):
+    """sysfs takes no new file from anyone (the test above skips as root)."""
+    for target in ("/sys/dlm-trace.html", "/sys/dlm-trace.gif"):
+        code, _, err = run(["sample", str(runs["mdlm"]), "--trace", target], capsys)
+        one_line_error(code, err, "cannot write", target)
+        assert not os.path.exists(target)
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 

@@ -93,10 +93,25 @@ def load_causal_lm(folder: Path):
     cannot load it as a causal LM."""
     check_causal_lm(folder)
     transformers = _transformers()
+    from safetensors import SafetensorError
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # transformers' load report: dlm says what went wrong in one line
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise DlmError(f"cannot load the weights of {folder}: {str(e).strip().splitlines()[0][:160]}") from None
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # unreadable, or not of this architecture
+        first = (str(e).strip() or type(e).__name__).splitlines()[0][:160]
+        if "ignore_mismatched_sizes" in first:  # (its report, which it points to, is silenced)
+            first = "the shapes of some of its tensors do not fit its config.json"
+        raise DlmError(f"cannot load the weights of {folder}: {first}") from None
+    finally:
+        logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would start them from random values
+        raise DlmError(f"the weights of {folder} do not cover its config.json's architecture "
+                       f"(missing {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''})")
     return model.eval()
 
 
@@ -126,8 +141,12 @@ def float32_bytes(folder: Path) -> int:
     total = 0
     for f in Path(folder).iterdir():
         if f.suffix == ".safetensors":
-            with f.open("rb") as fh:
-                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+            try:
+                with f.open("rb") as fh:
+                    header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+                assert isinstance(header, dict)
+            except (OSError, ValueError, struct.error, AssertionError, MemoryError, OverflowError):
+                raise DlmError(f"{f} is not a readable safetensors file (its header)") from None
             for entry in header.values():
                 if isinstance(entry, dict) and "shape" in entry:
                     total += 4 * math.prod(entry["shape"])
