@@ -20,6 +20,7 @@ from dlm.backbones import KVCache
 from dlm.batch import Batch
 from dlm.distributed import Dist
 from dlm.samplers.autoregressive import AutoregressiveSampler, GraphReadyDecoder
+from dlm.samplers.fast_dllm import FastDllmSampler
 from dlm.samplers.graphs import GraphedTrunk
 from dlm.samplers.masked_ancestral import MaskedAncestralSampler
 from dlm.processes.causal import Causal
@@ -235,4 +236,26 @@ def test_graph_ready_trunk_step_draws_the_reference_tokens(time_conditioned, pad
                                              time_conditioned, pad)
             assert c.total <= nfe, dict(c.counts)
             outs.append((tokens, nfe))
+        assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]
+
+
+class TrunkReadyFastDllm(FastDllmSampler):
+    """Fast-dLLM ``cache: none`` through the fixed-shape trunk CUDA would capture, run eagerly."""
+
+    def trunk(self, model, x, t, pad):
+        return GraphedTrunk(model, x, t, pad, graph=False)
+
+
+@pytest.mark.parametrize("time_conditioned", [False, True])
+def test_graph_ready_trunk_gives_fast_dllm_its_tokens(time_conditioned):
+    fam, model = tiny("mdlm", time_conditioning=time_conditioned)
+    model.eval()
+    given = torch.randint(0, V - 1, (3, 20), generator=torch.Generator().manual_seed(2))
+    clean = torch.arange(20)[None] < torch.tensor([4, 0, 7])[:, None]
+    settings = {"steps": 12, "block_length": 8, "threshold": 0.3, "cache": "none"}
+    for seed in range(3):
+        outs = []
+        for cls in (FastDllmSampler, TrunkReadyFastDllm):
+            outs.append(cls(cls.Settings(**settings)).sample(model, fam.process, given, clean,
+                                                              torch.Generator().manual_seed(seed), time_conditioned))
         assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]

@@ -33,7 +33,8 @@ Then, each in a fresh process with a time limit, the JSON rewritten after every 
   and Fast-dLLM (their default settings, recorded), at batch 1 and ``--sample-batch`` (16),
   bf16 autocast (dlm's default on CUDA); samples/s and tokens/s, after a short warm-up call.
   CUDA graphs (on by default on CUDA) against the same sampler without them (``-eager``):
-  AR's decoding step, and masked ancestral with ``cache: false`` (its whole-batch step).
+  AR's decoding step, masked ancestral with ``cache: false`` and Fast-dLLM with ``cache: none``
+  (their whole-batch steps).
 
 A configuration that fails (an error, out of memory, its time limit) is recorded with its
 error and the others go on; the exit status is then 1. Writes ``$OUT/speed_gpu.json`` when
@@ -162,12 +163,13 @@ def child_sample(run: str, sampler: str, batch: int, length: int, graphs: str = 
     sampler.KEY=VALUE settings."""
     from dlm.runs import load_run
     from dlm.samplers.autoregressive import AutoregressiveSampler, CachedDecoder
+    from dlm.samplers.fast_dllm import FastDllmSampler
     from dlm.samplers.masked_ancestral import MaskedAncestralSampler
     from dlm.service.sampling import generate, sampler_settings
 
     if graphs == "off":  # this child process only
         AutoregressiveSampler.decoder = lambda self, model, num, length, device: CachedDecoder(model, length)
-        MaskedAncestralSampler.trunk = lambda self, model, x, t, pad: None
+        MaskedAncestralSampler.trunk = FastDllmSampler.trunk = lambda self, model, x, t, pad: None
     loaded = load_run(Path(run))
     settings = sampler_settings(loaded, name=sampler, overrides=overrides)
     generate(loaded, batch, min(length, 32), settings=settings)  # warm-up: kernels, allocator
@@ -291,12 +293,15 @@ def read_metrics(out: Path, row: dict) -> None:
 
 
 # (family, sampler, variant, graphs, overrides): CUDA graphs are on by default on CUDA (the AR
-# decoding step; the whole-batch step of masked ancestral with cache: false); "-eager" without
+# decoding step; the whole-batch step of masked ancestral with cache: false and of Fast-dLLM with
+# cache: none); "-eager" without
 SAMPLING = (("ar", "ancestral", "ancestral", "on", ()), ("ar", "ancestral", "ancestral-eager", "off", ()),
             ("mdlm", "ancestral", "ancestral", "on", ()),
             ("mdlm", "ancestral", "ancestral-nocache", "on", ("sampler.cache=false",)),
             ("mdlm", "ancestral", "ancestral-nocache-eager", "off", ("sampler.cache=false",)),
-            ("mdlm", "fast-dllm", "fast-dllm", "on", ()))
+            ("mdlm", "fast-dllm", "fast-dllm", "on", ()),
+            ("mdlm", "fast-dllm", "fast-dllm-none", "on", ("sampler.cache=none",)),
+            ("mdlm", "fast-dllm", "fast-dllm-none-eager", "off", ("sampler.cache=none",)))
 
 
 def sample_part(bench: Bench, runs: dict[str, Path]) -> None:

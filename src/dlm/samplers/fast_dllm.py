@@ -54,6 +54,7 @@ from dlm.device import to_host, true_positions
 from dlm.settings import setting
 from dlm.processes.masked import MaskedProcess
 from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical, start_from_prior
+from dlm.samplers.graphs import GraphedTrunk, trunk_for
 
 CACHES = ("none", "prefix", "dual")
 
@@ -113,6 +114,12 @@ class FastDllmSampler(Sampler):
     def __init__(self, settings=None):
         super().__init__(settings)
         self.last_stats: dict = {}
+        self._trunk = None  # cache none: the sample's graphed trunk, if any (trunk)
+
+    def trunk(self, model, x: torch.Tensor, t: torch.Tensor | None, pad) -> GraphedTrunk | None:
+        """``cache: none``'s whole-sequence calls as a CUDA graph at fixed (B, L) on CUDA for the
+        dlm transformer (``samplers.graphs``); None: plain calls."""
+        return trunk_for(model, x, t, pad)
 
     def _confidence(self, rows: torch.Tensor, filtered: torch.Tensor) -> torch.Tensor:
         """(N,) largest probability of the drawing distribution (temperature 1 when greedy)."""
@@ -124,6 +131,8 @@ class FastDllmSampler(Sampler):
         """(N, V) logits at ``where`` (all inside the block; ``n`` = N, known on the host), and
         the window width computed."""
         mode = self.settings.cache
+        if mode == "none" and self._trunk is not None:  # the whole sequence through the graphed trunk
+            return self._trunk.logits(self._trunk.hidden(x, t), true_positions(where, n)), x.shape[1]
         if mode == "none":
             return model(x, t, score_mask=where, pad=pad, score_count=n), x.shape[1]
         if first:  # a full pass, recording every layer's K/V for the rest of the block
@@ -144,6 +153,8 @@ class FastDllmSampler(Sampler):
         B, L = given.shape
         device = given.device
         x, fixed = start_from_prior(process, given, clean, pad, generator)  # (B, L)
+        t0 = torch.zeros(B, device=device) if time_conditioned else None
+        self._trunk = self.trunk(model, x, t0, pad) if opts.cache == "none" else None
         free = ~fixed
         n_free = free.sum(-1).clamp_min(1)
         nfe, computed = 0, 0

@@ -72,3 +72,12 @@ class GraphedTrunk:
 
     def logits(self, h: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         return self.model.logits_of(h.reshape(-1, h.shape[-1])[at]).float()
+
+
+def trunk_for(model, x: torch.Tensor, t: torch.Tensor | None, pad) -> GraphedTrunk | None:
+    """A graphed trunk for a sampler's whole-batch calls on CUDA, for a model that is
+    graph-ready (dlm's transformer: ``Transformer.graph_ready``; a guided model is not one);
+    None elsewhere: the sampler's plain calls."""
+    if x.device.type == "cuda" and getattr(model, "graph_ready", False):
+        return GraphedTrunk(model, x, t, pad, graph=True)
+    return None

@@ -44,7 +44,7 @@ from dlm.device import to_host, true_positions
 from dlm.settings import setting
 from dlm.processes.masked import MaskedProcess
 from dlm.samplers.base import DiffusionSamplerSettings, Sampler, filter_logits, sample_categorical, start_from_prior
-from dlm.samplers.graphs import GraphedTrunk
+from dlm.samplers.graphs import GraphedTrunk, trunk_for
 
 
 class NetworkCalls:
@@ -222,9 +222,7 @@ class MaskedAncestralSampler(Sampler):
     def trunk(self, model, x: torch.Tensor, t: torch.Tensor | None, pad) -> GraphedTrunk | None:
         """The whole-batch network of ``cache: false`` as a CUDA graph at fixed (B, L), on CUDA
         for the dlm transformer (a guided model is not one); None: plain calls."""
-        if x.device.type == "cuda" and getattr(model, "graph_ready", False):
-            return GraphedTrunk(model, x, t, pad, graph=True)
-        return None
+        return trunk_for(model, x, t, pad)
 
 
 UNLIKELY = 1e-6  # the chance a window of steps drawn ahead holds no unmasking step, at most
