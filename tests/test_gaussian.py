@@ -250,6 +250,8 @@ def test_train_eval_sample_through_the_cli(corpus, tmp_path, capsys):
                                               ("process.gamma_min=7", "wrong order"),
                                               ("process.gamma_max=-7", "wrong order"),
                                               ("process.gamma_min=nan", "process.gamma_min"),
+                                              ("process.self_condition=1", "process.self_condition"),
+                                              ("process.self_condition=-0.1", "process.self_condition"),
                                               ("sampler=fast-dllm", "fast-dllm"),
                                               ("eval.log_t_share=0.2", "log_t_share"),
                                               ("schedule=cosine", "gamma_min")])
@@ -271,3 +273,81 @@ def test_the_bound_is_not_below_the_entropy_rate_of_a_markov_source(tmp_path, ca
     assert r["tokens"] >= 10_000
     assert r["nll"] > H - 3 * r["stderr"] - 0.01, (r["nll"], H, r["stderr"])
     assert r["nll"] < math.log(K) + 1.0, (r["nll"], H)  # it learned something (see docs/gaussian.md for the figures)
+
+
+# ---- self-conditioning ------------------------------------------------------------------------
+
+def test_self_conditioning_adds_a_zero_projection_and_trains_it():
+    """process.self_condition > 0: a second input projection, zero at init (the first training
+    steps are the plain network's), reached by the gradient; the bound's predictor is the two
+    passes, a deterministic function of z_t (the same draws give the same bound); off: no
+    projection and the network refuses an estimate."""
+    fam, model = family(self_condition=0.5)
+    assert model.sc_proj is not None and float(model.sc_proj.weight.detach().abs().sum()) == 0
+    nn.init.normal_(model.head.weight, std=0.02)
+    x0 = torch.randint(0, 11, (8, 12), generator=torch.Generator().manual_seed(0))
+    fam.loss(model, Batch(x0), torch.Generator().manual_seed(1)).mean().backward()
+    assert float(model.sc_proj.weight.grad.abs().sum()) > 0  # some rows read a first pass's estimate
+    nn.init.normal_(model.sc_proj.weight, std=0.3)
+    model.eval()
+    with torch.no_grad():
+        nll = fam.nll(model, Batch(x0), torch.Generator().manual_seed(2), 2)
+        assert torch.equal(nll, fam.nll(model, Batch(x0), torch.Generator().manual_seed(2), 2))
+        model.sc_proj.weight.zero_()  # the estimate ignored: a different predictor, a different bound
+        assert not torch.allclose(nll, fam.nll(model, Batch(x0), torch.Generator().manual_seed(2), 2))
+    _, plain = family()
+    assert plain.sc_proj is None
+    with pytest.raises(ValueError, match="self_cond"):
+        plain(torch.zeros(1, 3, 16), None, self_cond=torch.zeros(1, 3, 16))
+
+
+def test_self_conditioned_samples_keep_clean_positions_and_repeat():
+    """The sampler feeds each step the previous estimate (with and without guidance): tokens of
+    the vocabulary, clean positions as given, the same under the same seed, and the estimate
+    is read (a nonzero projection changes the samples)."""
+    fam, model = family(self_condition=0.5)
+    nn.init.normal_(model.head.weight, std=0.5)
+    model.eval()
+    given = torch.randint(0, 11, (3, 10), generator=torch.Generator().manual_seed(2))
+    clean = torch.zeros(3, 10, dtype=torch.bool)
+    clean[:, :2] = True
+    clean[1, 5:7] = True
+    for guidance in (0.0, 1.5):
+        settings = dataclasses.replace(fam.sampler_settings, steps=8, guidance=guidance)
+        with torch.no_grad():
+            model.sc_proj.weight.zero_()
+            before, _ = fam.sample(model, given, clean, torch.Generator().manual_seed(4), settings)
+            nn.init.normal_(model.sc_proj.weight, std=1.0, generator=torch.Generator().manual_seed(5))
+            out, nfe = fam.sample(model, given, clean, torch.Generator().manual_seed(4), settings)
+            again, _ = fam.sample(model, given, clean, torch.Generator().manual_seed(4), settings)
+        assert out.dtype == torch.long and int(out.min()) >= 0 and int(out.max()) < 11 and nfe == 8
+        assert torch.equal(out[clean], given[clean]) and torch.equal(again, out)
+        assert not torch.equal(before, out), guidance
+
+
+def test_self_conditioning_through_the_cli_and_an_old_run_folder(corpus, tmp_path, capsys):
+    """Train / eval / sample (prompt, guided infill) a self-conditioned run; a run folder from
+    before the setting (its config without process.self_condition) still evaluates and samples."""
+    out = tmp_path / "sc"
+    code, _, err = run(["train", "--family", "gaussian", "--data", str(corpus), "--out", str(out), "--steps", "4",
+                        *TINY, "process.embed_dim=8", "process.self_condition=0.5"], capsys)
+    assert code == 0, err
+    code, text, err = run(["eval", str(out), "--json", "--max-tokens", "256", "--mc-samples", "1"], capsys)
+    assert code == 0 and math.isfinite(json.loads(text)["nll"]), err
+    code, text, err = run(["sample", str(out), "--infill", "To [MASK*5] be", "--num", "2", "--steps", "4", "--json",
+                           "sampler.guidance=1"], capsys)
+    assert code == 0, err
+    assert all(s.startswith("To ") and s.endswith(" be") for s in json.loads(text)["samples"])
+    import yaml
+
+    old = tmp_path / "old"
+    code, _, err = run(["train", "--family", "gaussian", "--data", str(corpus), "--out", str(old), "--steps", "2",
+                        *TINY, "process.embed_dim=8"], capsys)
+    assert code == 0, err
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    del config["process"]["self_condition"]
+    (old / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    code, text, err = run(["eval", str(old), "--json", "--max-tokens", "256", "--mc-samples", "1"], capsys)
+    assert code == 0 and math.isfinite(json.loads(text)["nll"]), err
+    code, text, err = run(["sample", str(old), "--prompt", "To be", "--num", "1", "--steps", "3", "--json"], capsys)
+    assert code == 0 and json.loads(text)["samples"][0].startswith("To be"), err

@@ -34,14 +34,22 @@ from dlm.processes.gaussian import GaussianProcess
 
 @dataclass
 class GaussianCorrupted(Corrupted):
-    """A corrupted batch with the reconstruction term's noise ε0 (B, L, C)."""
+    """A corrupted batch with the reconstruction term's noise ε0 (B, L, C) and, for a
+    self-conditioned network, the rows (B,) bool whose network reads a first pass's estimate."""
 
     eps0: torch.Tensor | None = None
+    self_cond: torch.Tensor | None = None
 
     def rows(self, sl) -> "GaussianCorrupted":
         part = super().rows(sl)
         return GaussianCorrupted(**{f.name: getattr(part, f.name) for f in dataclasses.fields(Corrupted)},
-                                 eps0=None if self.eps0 is None else self.eps0[sl])
+                                 eps0=None if self.eps0 is None else self.eps0[sl],
+                                 self_cond=None if self.self_cond is None else self.self_cond[sl])
+
+
+def with_fields(c: Corrupted, **changes) -> GaussianCorrupted:
+    """``c`` as a :class:`GaussianCorrupted` (the fields it has kept) with ``changes``."""
+    return GaussianCorrupted(**{**{f.name: getattr(c, f.name) for f in dataclasses.fields(c)}, **changes})
 
 
 def denoised(logits: torch.Tensor, process: GaussianProcess) -> torch.Tensor:
@@ -69,7 +77,7 @@ class GaussianVlb(Objective):
 
     def draw(self, c: Corrupted, generator, process: GaussianProcess) -> GaussianCorrupted:
         eps0 = torch.randn((*c.x0.shape, process.embed_dim), generator=generator, device=c.x0.device)
-        return GaussianCorrupted(**{f.name: getattr(c, f.name) for f in dataclasses.fields(Corrupted)}, eps0=eps0)
+        return with_fields(c, eps0=eps0)
 
     def __call__(self, logits, c: GaussianCorrupted, where, process: GaussianProcess) -> Scored:
         rows = where.nonzero(as_tuple=True)[0]

@@ -42,6 +42,9 @@ class GaussianSettings:
     embed_dim: int = setting(16, lo=1)  # C: width of the learned, unit-norm token embeddings (Plaid: 16)
     gamma_min: float = setting(-6.0, lo=-30, hi=30)  # γ(0) = −log SNR at t = 0, the least noise (VDM: −13.3)
     gamma_max: float = setting(6.0, lo=-30, hi=30)  # γ(1) = −log SNR at t = 1, the most noise (VDM: 5)
+    # self-conditioning (Analog Bits / CDCD / Plaid): the share of training rows whose network also reads
+    # the estimate x̂ of a first, no-gradient pass; 0: off (one pass everywhere, no second input projection)
+    self_condition: float = setting(0.0, lo=0, hi=1, hi_open=True)
 
 
 def check_end_points(settings: GaussianSettings) -> None:
@@ -72,6 +75,11 @@ class GaussianProcess(Process):
     @property
     def embed_dim(self) -> int:
         return self.settings.embed_dim
+
+    @property
+    def self_conditioned(self) -> bool:
+        """Whether the network reads a self-conditioning estimate (``self_condition`` > 0)."""
+        return self.settings.self_condition > 0
 
     def embeddings(self) -> torch.Tensor:
         """(V, C) the unit-norm embedding of every data token."""

@@ -13,6 +13,11 @@ clean position as given. One network call per step on the whole batch (``nfe`` =
 (``record``) holds the nearest tokens of each z, then the sample. Guidance
 needs nothing here: the family's ``Guided`` wrapper takes the vector state and hides the clean
 positions with a draw of the prior.
+
+A self-conditioned network (``process.self_condition`` > 0) reads at each step the previous
+step's estimate x̂ of the unfiltered network (its softmax's expectation of e, zero at the
+first step and at clean positions, as in training), kept here beside z; guidance passes the
+same estimate to both of its halves. The state z, the prior draw and the trace are unchanged.
 """
 
 from __future__ import annotations
@@ -42,14 +47,21 @@ class GaussianAncestralSampler(Sampler):
         if not bool(free.any()):
             return out, 1
         times = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
+        # self-conditioning: the previous step's estimate x̂ at the generated positions (zero at the first step
+        # and at clean positions and padding, as in training), the raw network's (before filtering)
+        estimate = {"self_cond": torch.zeros_like(z)} if process.self_conditioned else {}
         for i in range(steps):
             t, s = times[i], times[i + 1]
             t_batch = torch.full((num,), float(t), device=device) if time_conditioned else None
-            logits = filter_logits(model(z, t_batch, score_mask=free, pad=pad), self.options)  # (N, V) float64
+            raw = model(z, t_batch, score_mask=free, pad=pad, **estimate)  # (N, V)
+            logits = filter_logits(raw, self.options)  # (N, V) float64
             if i == steps - 1:  # s = 0: map to tokens
                 out[free] = sample_categorical(logits, generator)
                 self.record(out)
                 break
+            if estimate:
+                estimate["self_cond"] = estimate["self_cond"].clone()
+                estimate["self_cond"][free] = raw.float().softmax(-1).to(E.dtype) @ E
             x_hat = logits.softmax(-1).to(E.dtype) @ E  # (N, C)
             mean, std = process.posterior(z[free], x_hat, t, s)
             noise = torch.randn(z.shape, generator=generator, device=device, dtype=z.dtype)  # (B, L, C), all rows

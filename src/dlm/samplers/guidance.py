@@ -77,6 +77,8 @@ class Guided(nn.Module):
 
         if kw.get("score_count") is not None:  # both halves' positions
             kw["score_count"] = 2 * kw["score_count"]
+        if kw.get("self_cond") is not None:  # a self-conditioning estimate (gaussian): the sampler's, for both halves
+            kw["self_cond"] = twice(kw["self_cond"])
         if x2.is_floating_point():  # a continuous process's state: vectors, not ids
             kw["embeds"], x2 = x2, None
         logits = self.model(x2, twice(t), score_mask=twice(score_mask), pad=twice(pad), **kw)
