@@ -57,9 +57,14 @@ class Batch:
         def move(t):
             if t is None:
                 return None
-            return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=non_blocking)
+            return (t.pin_memory() if pin and t.device.type == "cpu" and not t.is_pinned() else t).to(
+                device, non_blocking=non_blocking)
 
         return Batch(move(self.x0), move(self.clean), move(self.pad))
+
+    def pinned(self) -> "Batch":
+        """The same batch in pinned (page-locked) host memory."""
+        return Batch(*(None if t is None else t.pin_memory() for t in (self.x0, self.clean, self.pad)))
 
     @property
     def attention_pad(self) -> torch.Tensor | None:

@@ -102,8 +102,10 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.local_rank] if next(model.parameters()).is_cuda else None
-        # gradients as views of the all-reduce buckets: no copy in and out of them each step
-        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+        # gradients as views of the all-reduce buckets: no copy in and out of them each step;
+        # no broadcast of the buffers before every forward (DDP's default): dlm's models hold
+        # none that training changes (RoPE tables, computed alike on every rank: tested)
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
 
     def no_sync(self, net: torch.nn.Module):
         """Accumulate gradients locally: no all-reduce in the backward passes inside."""
@@ -197,14 +199,15 @@ class FullyShardedDist(Dist):
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """Shard each transformer block, then the rest (embedding, head): one all-gather per
-        block in the forward, freed after it. ``model`` becomes the sharded module in place."""
+        block in the forward, freed after it. ``model`` becomes the sharded module in place.
+        On CUDA under the mixed-precision policy of :func:`mixed_precision`."""
         if not self.enabled:
             return model
-        from torch.distributed.fsdp import fully_shard
-
+        fully_shard, _ = fsdp2()
+        policy = mixed_precision(next(model.parameters()).device)
         for block in getattr(model, "blocks", ()):
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
 
     @contextlib.contextmanager
@@ -221,6 +224,27 @@ class FullyShardedDist(Dist):
 
 
 PARALLEL: dict[str, type[Dist]] = {"ddp": Dist, "fsdp": FullyShardedDist}
+
+
+def fsdp2():
+    """(fully_shard, MixedPrecisionPolicy): torch.distributed.fsdp from torch 2.6, its
+    ``_composable`` home in 2.5."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch 2.5
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return fully_shard, MixedPrecisionPolicy
+
+
+def mixed_precision(device: torch.device):
+    """FSDP2's policy: on CUDA the all-gathered parameters in bf16 (what autocast would cast
+    them to: one bf16 all-gather instead of an fp32 one, and no cast in every matmul) and the
+    gradients reduce-scattered in float32 (the sharded parameters, the optimiser and the EMA
+    stay float32); elsewhere (Gloo on a CPU) float32 throughout, as without a policy."""
+    _, policy = fsdp2()
+    if device.type != "cuda":
+        return policy()
+    return policy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def save_shards(state: dict[str, Any], folder: Path) -> None:

@@ -3,6 +3,9 @@ shuffled per epoch, resumable."""
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from typing import Any
 
 import numpy as np
@@ -72,3 +75,69 @@ class BlockLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+
+
+class PrefetchLoader:
+    """A :class:`BlockLoader` read ahead by a background thread: ``depth`` batches are cut (and,
+    with ``pin``, copied to pinned memory, so the copy to a GPU is asynchronous) while the
+    current step runs. One thread draws them in the loader's own order, so the batches are
+    those of the loader, bit for bit; each comes with the loader's state after it, and
+    :meth:`state_dict` is the state after the last batch *handed out* (not the last one read
+    ahead): a checkpoint resumes exactly where the consumer stopped. :meth:`load_state_dict`
+    drops what was read ahead and starts again from the given state."""
+
+    def __init__(self, loader: BlockLoader, depth: int = 2, pin: bool = False):
+        self.loader, self.depth, self.pin = loader, depth, pin
+        self._state = loader.state_dict()
+        self._queue = None
+        self._stop = None
+        self._thread = None
+
+    def next_batch(self) -> Batch:
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        batch, self._state = item
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()
+        self.loader.load_state_dict(state)
+        self._state = self.loader.state_dict()
+
+    def close(self) -> None:
+        """Stop the thread and drop what it read ahead (the loader's state is then that of
+        the last batch handed out)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)
+        self._thread = None
+        self.loader.load_state_dict(self._state)
+
+    def _start(self) -> None:
+        self._queue, self._stop = queue.Queue(maxsize=self.depth), threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="dlm-prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self.loader.next_batch()
+                item = (batch.pinned() if self.pin else batch, self.loader.state_dict())
+            except Exception as err:  # noqa: BLE001 — handed to the consumer, raised there
+                item = err
+            while not self._stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    self._queue.put(item, timeout=0.05)
+                    break
+            if isinstance(item, BaseException):
+                return

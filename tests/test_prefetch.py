@@ -1,0 +1,109 @@
+"""Data read ahead by a thread (PrefetchLoader): the batches of the loader bit for bit, a state
+that is the consumer's (exact resume), FSDP2's mixed-precision policy, DDP without buffer
+broadcasts (no dlm model has a buffer that training changes) and the torch floor."""
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dlm.batch import Batch
+from dlm.data import BlockLoader, as_blocks
+from dlm.data.loader import PrefetchLoader
+from dlm.distributed import mixed_precision
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_contracts import batch, build, loss  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BLOCKS = as_blocks(np.arange(10_000, dtype=np.uint16), 16)  # 625 blocks: 100 batches of 8 cross epochs
+
+
+def loaders(**kw):
+    lengths = kw.pop("lengths", None)
+    clean = kw.pop("clean", None)
+    return (BlockLoader(BLOCKS, 8, seed=3, clean=clean, lengths=lengths),
+            PrefetchLoader(BlockLoader(BLOCKS, 8, seed=3, clean=clean, lengths=lengths), **kw))
+
+
+def same(a: Batch, b: Batch) -> bool:
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+               for x, y in ((a.x0, b.x0), (a.clean, b.clean), (a.pad, b.pad)))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_the_batches_are_the_loaders_bit_for_bit(depth):
+    rng = np.random.default_rng(0)
+    clean = rng.random(BLOCKS.shape) < 0.3
+    lengths = rng.integers(4, 17, len(BLOCKS))
+    plain, ahead = loaders(depth=depth, clean=clean, lengths=lengths)
+    try:
+        for _ in range(100):
+            a, b = plain.next_batch(), ahead.next_batch()
+            assert same(a, b) and a.x0.dtype == b.x0.dtype
+            assert ahead.state_dict() == plain.state_dict()  # the consumer's state, not the thread's
+    finally:
+        ahead.close()
+
+
+def test_a_checkpointed_state_resumes_exactly_however_far_the_thread_read():
+    plain, ahead = loaders(depth=4)
+    seen = [plain.next_batch().x0 for _ in range(100)]
+    for i in range(37):
+        assert torch.equal(ahead.next_batch().x0, seen[i])
+    state = ahead.state_dict()
+    ahead.close()  # the thread had read up to 4 batches more: they are dropped
+    assert ahead.loader.state_dict() == state
+    assert torch.equal(ahead.next_batch().x0, seen[37])  # and it carries on from the consumer's place
+    resumed = PrefetchLoader(BlockLoader(BLOCKS, 8, seed=3))
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.next_batch().x0, s) for s in seen[37:])
+    ahead.load_state_dict(state)  # a resume into a loader already running
+    assert all(torch.equal(ahead.next_batch().x0, s) for s in seen[37:60])
+    for one in (ahead, resumed):
+        one.close()
+        assert one._thread is None
+
+
+def test_an_error_while_reading_ahead_reaches_the_consumer():
+    broken = PrefetchLoader(BlockLoader(BLOCKS, 8, seed=0, clean=np.zeros((3, 16), dtype=bool)))  # too few rows
+    with pytest.raises(IndexError):
+        broken.next_batch()
+    assert broken._thread is None
+
+
+def test_fsdp2_policy_is_bf16_parameters_and_float32_reduction_on_cuda_only():
+    cuda = mixed_precision(torch.device("cuda"))
+    assert cuda.param_dtype == torch.bfloat16 and cuda.reduce_dtype == torch.float32
+    cpu = mixed_precision(torch.device("cpu"))
+    assert cpu.param_dtype is None and cpu.reduce_dtype is None
+
+
+@pytest.mark.parametrize("process", ["causal", "masked", "uniform", "d3pm-absorbing", "hybrid", "gaussian"])
+def test_no_model_has_a_buffer_that_training_changes(process):
+    """What lets DDP skip broadcasting buffers (``broadcast_buffers=False``): every buffer of a
+    model is the same on every rank (built alike) and a training step leaves it unchanged."""
+    fam, model = build(process)
+    _, twin = build(process)
+    model.train()
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    loss(fam, model, batch()).nats.sum().backward()
+    assert {k: v for k, v in model.named_buffers()}.keys() == before.keys()
+    for (k, v), (_, w) in zip(model.named_buffers(), twin.named_buffers()):
+        assert torch.equal(v, before[k]) and torch.equal(v, w), k
+
+
+def test_ddp_wraps_without_buffer_broadcasts():
+    src = (Path(__file__).parents[1] / "src" / "dlm" / "distributed.py").read_text()
+    assert "broadcast_buffers=False" in src
+
+
+def test_the_torch_floor_is_2_5_and_this_machines_build_is_taken():
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    lo, hi = re.search(r'"torch>=([\d.]+),<([\d.]+)"', text).groups()
+    assert lo == "2.5"
+    version = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+    assert tuple(int(x) for x in lo.split(".")) <= version < tuple(int(x) for x in hi.split("."))
