@@ -122,3 +122,18 @@ def test_bad_fused_head_value_is_one_line(tmp_path, capsys):
     code, _, err = run(["train", *TINY, "--steps", "1", "--out", str(tmp_path / "r"), "train.fused_head=maybe"], capsys)
     one_line_error(code, err, "fused_head")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_the_compiled_chunk_gradient_equals_the_eager_one():
+    from dlm.objectives.fused import compiled_logit_gradient, logit_gradient
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 64, generator=g)
+    target = torch.randint(0, 50, (16,), generator=g)
+    scale = torch.rand(16, generator=g)
+    want = logit_gradient(logits.clone(), target, scale, 50)
+    got = compiled_logit_gradient()(logits.clone(), target, scale, 50)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not got[1][:, 50:].any()

@@ -86,7 +86,9 @@ def test_foreach_ema_equals_the_loop_and_follows_a_restored_shadow():
 
 @pytest.mark.slow
 def test_compiled_head_and_loss_equal_the_eager_ones():
-    """train.compile with static shapes compiles the head and its loss together (what CUDA runs)."""
+    """train.compile with static shapes compiles the head's loss: the fused head's per-chunk
+    softmax and gradient (what CUDA runs by default; with train.fused_head=false the plain
+    head and its loss as one compiled function)."""
     ref, ref_grads = scored("mdlm", "nelbo", True, 0, False)
     from dlm.config import ComponentConfig
 

@@ -53,11 +53,12 @@ def dense_score(weighted: tuple[torch.Tensor, torch.Tensor], c: Corrupted, rows:
     :func:`chunked_score` (a ``head_fn`` for ``Transformer.forward``). ``compiled`` (``train.compile``):
     the head and its loss as one ``torch.compile``d function (whole batches; chunks stay eager).
     ``fused`` (``train.fused_head``): the fused head and loss of :mod:`dlm.objectives.fused`
-    instead of either, where the head is a linear layer."""
+    instead, where the head is a linear layer (with ``compiled``: its per-chunk softmax and
+    gradient compiled; the chunks' matmuls are cuBLAS's either way)."""
     weights, count = weighted
     layer = linear_layer(head) if fused else None
     if layer is not None:
-        return Scored(fused_ce(*layer, h, c.x0, weights).sum(-1), count)
+        return Scored(fused_ce(*layer, h, c.x0, weights, compiled=compiled).sum(-1), count)
     if compiled and not rows:
         return Scored(compiled_weighted_ce()(head, h, c.x0, weights), count)
     B = h.shape[0]

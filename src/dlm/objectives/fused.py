@@ -59,7 +59,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     ones are never scored), target (N,) ids and weights (N,) float; ``chunk`` rows at a time."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, weights, vocab: int, chunk: int):
+    def forward(ctx, h, weight, bias, target, weights, vocab: int, chunk: int, body=None):
+        body = body or logit_gradient  # or its compiled twin (train.compile)
         dtype = compute_dtype(h, weight)
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(dtype)
@@ -72,15 +73,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             for s in range(0, h.shape[0], chunk):
                 e = min(s + chunk, h.shape[0])
                 hc = h[s:e].to(dtype)
-                g = (hc @ w.t() if b is None else torch.addmm(b, hc, w.t())).float()  # (n, R) logits
-                z = g[:, :vocab]  # the scored ones (a view)
-                lse = z.logsumexp(-1)
-                picked = z.gather(-1, target[s:e, None])[:, 0]
-                ce[s:e] = lse - picked
-                z.sub_(lse[:, None]).exp_()  # in place: g holds the softmax, the gradient of lse …
-                g[:, vocab:] = 0.0  # … zero at the padded rows
-                g.scatter_add_(-1, target[s:e, None], torch.full_like(picked[:, None], -1.0))
-                g = g.mul_(scale[s:e, None]).to(dtype)  # ∂out/∂z, (n, R)
+                logits = hc @ w.t() if b is None else torch.addmm(b, hc, w.t())  # (n, R)
+                ce[s:e], g = body(logits, target[s:e], scale[s:e], vocab)
                 grad_h[s:e] = (g @ w).to(h.dtype)
                 grad_w.add_(g.t() @ hc)
                 if grad_b is not None:
@@ -102,7 +96,32 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         dw = (grad_w * scale).to(ctx.dtypes[0])
         db = None if grad_b is None else (grad_b * scale).to(ctx.dtypes[1])
         dweights = (grad * ce).to(weights.dtype) if ctx.needs_input_grad[4] else None
-        return dh, dw, db, None, dweights, None, None
+        return dh, dw, db, None, dweights, None, None, None
+
+
+def logit_gradient(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, vocab: int):
+    """One chunk's (ce (n,) float32, ∂out/∂logits (n, R) in the logits' dtype) from its logits
+    (n, R): the log-sum-exp and softmax over the first ``vocab`` columns in float32, the
+    padded columns' gradient zero, out = scale · ce."""
+    g = logits.float()
+    z = g[:, :vocab]  # the scored columns (a view)
+    lse = z.logsumexp(-1)
+    picked = z.gather(-1, target[:, None])[:, 0]
+    z.sub_(lse[:, None]).exp_()  # in place: g holds the softmax, the gradient of lse …
+    g[:, vocab:] = 0.0  # … zero at the padded columns
+    g.scatter_add_(-1, target[:, None], torch.full_like(picked[:, None], -1.0))
+    return lse - picked, g.mul_(scale[:, None]).to(logits.dtype)
+
+
+_COMPILED: list = []
+
+
+def compiled_logit_gradient():
+    """:func:`logit_gradient` under ``torch.compile`` (one kernel or two per chunk instead of
+    ~8 passes over (n, R) float32), built once per process."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(logit_gradient))
+    return _COMPILED[0]
 
 
 def linear_layer(head) -> tuple[nn.Linear, int] | None:
@@ -119,16 +138,18 @@ def linear_layer(head) -> tuple[nn.Linear, int] | None:
 
 
 def fused_ce(layer: nn.Linear, vocab: int, h: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
-             chunk: int | None = None) -> torch.Tensor:
+             chunk: int | None = None, compiled: bool = False) -> torch.Tensor:
     """(…) weights · −log softmax(layer(h))[target] over the first ``vocab`` logits, h (…, C):
-    Liger's kernel where it is usable (CUDA), :class:`FusedLinearCrossEntropy` otherwise."""
+    Liger's kernel where it is usable (CUDA), :class:`FusedLinearCrossEntropy` otherwise (its
+    per-chunk logit gradient compiled with ``compiled``)."""
     shape = target.shape
     h, target, weights = h.reshape(-1, h.shape[-1]), target.reshape(-1), weights.reshape(-1)
     if h.is_cuda and chunk is None and liger_usable(h.device):
         out = liger_ce(h, layer.weight[:vocab], target, None if layer.bias is None else layer.bias[:vocab]) * weights
     else:
         rows = chunk or chunk_rows(h.shape[0], layer.weight.shape[0], h.shape[1])
-        out = FusedLinearCrossEntropy.apply(h, layer.weight, layer.bias, target, weights, vocab, rows)
+        body = compiled_logit_gradient() if compiled else logit_gradient
+        out = FusedLinearCrossEntropy.apply(h, layer.weight, layer.bias, target, weights, vocab, rows, body)
     return out.view(shape)
 
 
