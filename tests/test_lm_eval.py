@@ -243,3 +243,23 @@ def test_bad_run_and_include_path_are_one_line(runs, tmp_path, capsys):
     one_line_error(code, err, "--include-path")
     code, _, err = run(["lm-eval", str(tmp_path), "--tasks", TASK, "--include-path", str(TASK_DIR)], capsys)
     one_line_error(code, err)
+
+
+def test_a_family_that_names_its_bound_is_named_in_the_header(runs, tmp_path, capsys):
+    """gaussian's log-likelihoods are minus its continuous-time VLB, not a NELBO: the table's
+    header and the JSON's config say which bound (the name ``dlm eval`` prints)."""
+    corpus = runs["ar"].parent / "lines.txt"
+    out = tmp_path / "gaussian"
+    assert main(["train", "--family", "gaussian", "--data", str(corpus), "--out", str(out), "--steps", "2", *TINY,
+                 "process.embed_dim=8"]) == 0
+    capsys.readouterr()
+    name = load_run(out, "cpu").family.bound_info()["bound_name"]
+    code, text, err = run(["lm-eval", str(out), "--tasks", TASK, "--include-path", str(TASK_DIR), "--limit", "2",
+                           "--mc-samples", "1"], capsys)
+    assert code == 0, err
+    head = text.splitlines()[0]
+    assert head.startswith(f"gaussian run {out} at step 2: log-likelihoods are lower bounds (minus the {name}, 1 ")
+    assert "NELBO" not in head and "VLB" in head
+    info = _lm(out, mc_samples=1).get_model_info()  # what the JSON's config carries
+    assert info["bound_name"] == name and info["loglikelihood"] == f"lower bound (minus the {name})"
+    assert _lm(runs["mdlm"]).get_model_info()["loglikelihood"] == "lower bound (-NELBO)"  # a family that names none

@@ -9,7 +9,8 @@ is imported only here, and only when used.
 is exact. For ``mdlm`` and ``usdm`` it is minus the family's conditional NELBO — a Monte
 Carlo estimate (``--mc-samples`` draws) of a *lower bound* on log p(continuation | context);
 masked diffusion corrupts only the continuation, the context stays clean (LLaDA's
-conditional estimator). Multiple-choice accuracy then compares bounds, not likelihoods:
+conditional estimator). A family that names its bound (``bound_info()["bound_name"]``, the
+name ``dlm eval`` prints: gaussian's continuous-time VLB) is named in the header instead. Multiple-choice accuracy then compares bounds, not likelihoods:
 the protocol of LLaDA (arXiv 2502.09992) and of the MDLM papers' lm-eval numbers.
 
 Choices this adapter makes (lm-eval leaves them to each model):
@@ -370,9 +371,12 @@ def _lm_class():
                 return out
 
             def get_model_info(self) -> dict:
-                s = self.scorer
+                s, family = self.scorer, self.run.family
+                name = family.bound_info().get("bound_name") if family.is_bound else None  # the family's own bound
+                kind = "exact" if not family.is_bound else f"lower bound (minus the {name})" if name else \
+                    "lower bound (-NELBO)"
                 return {"dlm_run": str(self.run.path), "dlm_step": self.run.step, "dlm_family": self.run.cfg.family,
-                        "loglikelihood": "lower bound (-NELBO)" if self.run.family.is_bound else "exact",
+                        "loglikelihood": kind, "bound_name": name,
                         "mc_samples": s.mc_samples, "seq_len": s.seq_len, "truncated_continuations": s.truncated}
 
         _LM_CLASS = DlmLM
@@ -578,8 +582,9 @@ def format_results(results: dict) -> str:
     from lm_eval.utils import make_table
 
     info = results.get("config", {})
+    bound = f"minus the {info['bound_name']}" if info.get("bound_name") else "−NELBO"  # the family's own bound
     head = (f"{info.get('dlm_family')} run {info.get('dlm_run')} at step {info.get('dlm_step')}: log-likelihoods "
-            + ("are lower bounds (−NELBO, %s Monte Carlo samples)" % info.get("mc_samples")
+            + ("are lower bounds (%s, %s Monte Carlo samples)" % (bound, info.get("mc_samples"))
                if info.get("loglikelihood") != "exact" else "are exact"))
     out = [head, make_table(results)]
     if results.get("groups"):
