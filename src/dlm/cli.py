@@ -108,7 +108,8 @@ def _format_samples(r: dict) -> str:
 def _format_eval(r: dict) -> str:
     if "nll" not in r:  # --no-likelihood
         return f"{r['family']} run {r['run']} at step {r['step']} — sample quality\n" + _format_samples(r)
-    kind = "upper bound (NELBO, %d MC samples)" % r["mc_samples"] if r["bound"] else "exact"
+    bound = "" if r.get("bound_name") else "NELBO, "  # a family that names its bound: named below instead
+    kind = "upper bound (%s%d MC samples)" % (bound, r["mc_samples"]) if r["bound"] else "exact"
     if "bound_steps" in r:  # discrete time: which model's bound (every step, or a stride of them)
         kind += f", {r['bound_steps']}-step model (T = {r['process_steps']}, stride {r['time_stride']})"
     if r.get("log_t_share"):  # importance sampling of small t
