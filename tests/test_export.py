@@ -113,3 +113,44 @@ def test_export_of_what_is_not_a_run_is_one_line_and_writes_nothing(tmp_path, ca
     code, _, err = run(["export", str(tmp_path / "notarun"), str(tmp_path / "out")], capsys)
     one_line_error(code, err, "not a dlm run folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notarun"]
+
+
+def test_a_gaussian_run_exports_exactly(tmp_path, capsys):
+    """A self-conditioned Gaussian embedding diffusion run: transformers' logits on the same noisy
+    embedding state z_t (and self-conditioning estimate, and padding) are dlm's, its
+    ``process(ids)`` is the process's clean embedding, and dlm reads the folder back (same bound)."""
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("".join(f"To be, or not to be, that is the question {i}.\n" for i in range(200)))
+    src, out = tmp_path / "g", tmp_path / "g-hf"
+    assert main(["train", "--family", "gaussian", "--data", str(corpus), "--out", str(src), "--steps", "3", *TINY,
+                 "process.embed_dim=8", "process.self_condition=0.5"]) == 0
+    assert main(["export", str(src), str(out)]) == 0
+    capsys.readouterr()
+    dlm_run = load_run(src, "cpu")
+    process, g = dlm_run.family.process, torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, dlm_run.tokenizer.vocab_size, (3, 20), generator=g)
+    t = torch.rand(3, generator=g)
+    pad = torch.zeros(3, 20, dtype=torch.bool)
+    pad[2, -4:] = True
+    with torch.no_grad():
+        # an estimate projection far from its zero start (3 steps leave it near zero)
+        torch.nn.init.normal_(dlm_run.model.sc_proj.weight, std=0.5, generator=g)
+        z = process.corrupt(x0, t, g)
+        est = torch.randn(z.shape, generator=g)
+        ours = dlm_run.model(None, t, embeds=z, self_cond=est, pad=pad)
+        plain = dlm_run.model(z, t)
+    hf = transformers.AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        hf.sc_proj.weight.copy_(dlm_run.model.sc_proj.weight)
+        assert torch.equal(hf(inputs_embeds=z, t=t, self_cond=est, attention_mask=(~pad).long()).logits, ours)
+        assert torch.equal(hf(z, t=t).logits, plain)
+        assert torch.equal(hf.process(x0), process.embed(x0))
+    config = json.loads((out / "config.json").read_text())
+    assert config["input_width"] == 8 and config["self_condition"] is True and config["dlm"]["family"] == "gaussian"
+
+    def nll(path):
+        code, text, err = run(["eval", str(path), "--max-tokens", "128", "--mc-samples", "1", "--json"], capsys)
+        assert code == 0, err
+        return json.loads(text)["nll"]
+
+    assert nll(out) == nll(src)

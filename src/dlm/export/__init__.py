@@ -54,6 +54,8 @@ def hf_config(run, state: dict) -> dict:
                    "time_conditioned": run.family.time_conditioned, "source": str(run.path)}}
     if m.vocab_in > m.vocab_out:  # the absorbing state: [MASK] is the id after the data vocabulary
         out["mask_token_id"] = m.vocab_out
+    if getattr(run.model, "in_proj", None) is not None:  # vectors in (gaussian): their width, self-conditioning
+        out["input_width"], out["self_condition"] = run.model.in_proj.in_features, run.model.sc_proj is not None
     return out
 
 
@@ -82,8 +84,9 @@ Exported by `dlm export` from the run at step {run.step} ({kind} tokenizer).
 ```python
 from transformers import AutoModel
 model = AutoModel.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
-logits = model(input_ids{", t=t" if config["cond_dim"] else ""}).logits
+logits = model({"inputs_embeds=z_t" if config.get("input_width") else "input_ids"}{", t=t" if config["cond_dim"] else ""}).logits
 ```
+{"z_t (B, T, C) is the noisy embedding state; `model.process(ids)` gives the clean embeddings." if config.get("input_width") else ""}
 
 With dlm: `dlm sample PATH --num 4`, `dlm eval PATH`.
 """
@@ -117,7 +120,8 @@ def export_run(run_path: Path, out: Path, use_ema: bool = True) -> dict:
             "params": sum(v.numel() for v in state.values())}
 
 
-_MODULES = {"embed", "time", "blocks", "norm", "final_ada", "head"}
+_MODULES = {"embed", "time", "blocks", "norm", "final_ada", "head",
+            "in_proj", "sc_proj", "process"}  # the vector-input transformer's (gaussian): modeling_dlm has them
 
 
 def _dlm_parts(run, run_path: Path, state: dict):

@@ -9,6 +9,12 @@ GELU MLP in pre-norm blocks, adaLN-modulated by the time t when ``cond_dim`` > 0
 final norm → output layer. ``input_ids`` may hold the [MASK] id (``mask_token_id``) of a
 masked-diffusion model; a time-conditioned model needs ``t`` (B,) in [0, 1].
 ``attention_mask`` (1 keep, 0 padding) hides padded keys.
+
+A Gaussian embedding diffusion model (``input_width`` C > 0, dlm's ``VectorInputTransformer``)
+reads vectors instead: ``inputs_embeds`` (B, T, C), the noisy state z_t (a float
+``input_ids`` is taken as such), projected by ``in_proj`` (plus ``sc_proj`` of ``self_cond``
+(B, T, C), the self-conditioning estimate, when ``self_condition``); ``model.process(ids)``
+gives the clean unit-norm token embeddings e(x) that the state holds at clean positions.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ class DlmConfig(PretrainedConfig):
     model_type = "dlm"
 
     def __init__(self, vocab_in=1, vocab_out=1, n_layer=1, n_head=1, d_model=8, causal=False, cond_dim=0,
-                 mlp_ratio=4, rope_base=10000.0, dlm=None, **kwargs):
+                 mlp_ratio=4, rope_base=10000.0, dlm=None, input_width=0, self_condition=False, **kwargs):
         self.vocab_in, self.vocab_out = vocab_in, vocab_out
+        self.input_width, self.self_condition = input_width, self_condition  # 0: token ids in (not vectors)
         self.n_layer, self.n_head, self.d_model = n_layer, n_head, d_model
         self.causal, self.cond_dim, self.mlp_ratio, self.rope_base = causal, cond_dim, mlp_ratio, rope_base
         self.dlm = dlm or {}  # what dlm needs to read the folder back: family, step, the run's config
@@ -106,6 +113,18 @@ class TimeEmbedding(nn.Module):
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
+class TokenEmbeddings(nn.Module):
+    """The Gaussian process's learned embeddings (V, C), used at unit norm (Plaid)."""
+
+    def __init__(self, vocab, width):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(vocab, width))
+
+    def forward(self, input_ids):
+        e = self.embedding / self.embedding.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        return F.embedding(input_ids, e)
+
+
 class DlmModel(PreTrainedModel):
     config_class = DlmConfig
     base_model_prefix = "dlm"
@@ -119,6 +138,10 @@ class DlmModel(PreTrainedModel):
         self.norm = nn.LayerNorm(config.d_model, bias=False)
         self.final_ada = nn.Linear(config.cond_dim, 2 * config.d_model) if config.cond_dim else None
         self.head = nn.Linear(config.d_model, config.vocab_out, bias=True)
+        if config.input_width:  # vectors in: the input projection(s) and the process's embeddings
+            self.in_proj = nn.Linear(config.input_width, config.d_model, bias=True)
+            self.sc_proj = nn.Linear(config.input_width, config.d_model, bias=False) if config.self_condition else None
+            self.process = TokenEmbeddings(config.vocab_out, config.input_width)
         self.post_init()
 
     def _init_weights(self, module):
@@ -136,11 +159,26 @@ class DlmModel(PreTrainedModel):
             mask = mask & torch.ones(T, T, dtype=torch.bool, device=keys.device).tril()
         return mask
 
-    def forward(self, input_ids, t=None, attention_mask=None, **kwargs):
-        """float32 logits (B, T, vocab_out) of ``input_ids`` (B, T), at time ``t`` (B,) if the
-        model is time-conditioned."""
+    def _input(self, input_ids, inputs_embeds, self_cond):
+        """(B, T, d_model): the token embedding of ids, or the projection of the vector state."""
+        if not self.config.input_width:
+            return self.embed(input_ids)
+        if inputs_embeds is None and input_ids is not None and input_ids.is_floating_point():
+            inputs_embeds = input_ids
+        z = self.process(input_ids) if inputs_embeds is None else inputs_embeds
+        h = self.in_proj(z.to(self.in_proj.weight.dtype))
+        if self_cond is not None:
+            if self.sc_proj is None:
+                raise ValueError("self_cond is for a self-conditioned model (self_condition in config.json)")
+            h = h + self.sc_proj(self_cond.to(self.sc_proj.weight.dtype))
+        return h
+
+    def forward(self, input_ids=None, t=None, attention_mask=None, inputs_embeds=None, self_cond=None, **kwargs):
+        """float32 logits (B, T, vocab_out) of ``input_ids`` (B, T) (or, for a vector-input
+        model, ``inputs_embeds`` (B, T, C) and ``self_cond``), at time ``t`` (B,) if the model
+        is time-conditioned."""
         cfg = self.config
-        h = self.embed(input_ids)
+        h = self._input(input_ids, inputs_embeds, self_cond)
         T = h.shape[1]
         cos, sin = _rotary(T, cfg.d_model // cfg.n_head, cfg.rope_base, h.device)
         c = None
