@@ -232,7 +232,8 @@ def _untie(module, state: dict, prefix: str, local_metadata) -> None:
     loading writes the same values into the one tied parameter twice."""
     seen = set()
     for key, value in state.items():
-        ptr = value.untyped_storage().data_ptr() if value.numel() else None
+        local = value.to_local() if hasattr(value, "to_local") else value  # a DTensor (FSDP2): its shard
+        ptr = local.untyped_storage().data_ptr() if local.numel() else None
         if ptr is not None and ptr in seen:
             state[key] = value.clone()
         seen.add(ptr)
@@ -254,6 +255,14 @@ class PretrainedCausalLM(Backbone):
         self.time_conditioned = False
         self.allowed: torch.Tensor | None = None  # (L, L) bool while the attention mask anneals
         self._register_state_dict_hook(_untie)
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList | None:
+        """The decoder layers — the model's ModuleList of ``n_layer`` modules (Llama's
+        ``model.layers``, GPT-2's ``transformer.h``) — which ``train.compile`` compiles and FSDP2
+        shards one at a time, as for dlm's transformer; None if there is no such list."""
+        return next((m for m in self.hf.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == self.cfg.n_layer),
+                    None)
 
     def anneal_attention(self, allowed: torch.Tensor | None) -> None:
         if self.causal:
