@@ -181,7 +181,7 @@ def throughput(args, work: Path) -> list[dict]:
                             out = work / f"{family}-{size}-{int(compile)}-{repeat}"
                             argv = ["train", "--family", family, "--size", size, *CPU_DATA, "--steps", str(steps),
                                     "--seed", "0", "--out", str(out), "--quiet", "--json",
-                                    f"train.log_every={args.window}", *(["--compile"] if compile else [])]
+                                    f"train.log_every={args.window}", "--compile" if compile else "--no-compile"]
                             r = child("dlm", argv, args.threads)
                             rates = dlm_rates(out)
                             first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -255,7 +255,7 @@ def gpu(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="dlm-speed-gpu-"))
     dest = Path(os.environ["OUT"]) / "speed_gpu.json" if os.environ.get("OUT") else HERE / "results_gpu.json"
     rows = []
-    variants = {"eager": [], "compile": ["--compile"],
+    variants = {"eager": ["--no-compile"], "compile": ["--compile"],  # compiling is dlm's default on CUDA
                 "compile+chunk": ["--compile", f"train.loss_chunk_rows={args.gpu_chunk_rows}"]}
     for family in args.gpu_families.split(","):
         for name, extra in variants.items():
