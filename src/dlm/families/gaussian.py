@@ -10,6 +10,11 @@ tokens. It needs a class of its own for two things only:
   unbiased Monte Carlo estimate with antithetic t. The end points bound the SNR, so the
   integrand is bounded at t = 0 and nothing is cut off below a t_min (the shared time loop
   integrates over [1e-5, 1] and weights by 1/(1 − 1e-5), which would leave the bound short).
+
+and, with self-conditioning (``process.self_condition`` > 0), the first pass: ``corrupt``
+draws the training rows that get it, ``_score`` runs it (no gradient) and hands its x̂ to
+every pass the objective makes; ``nll`` gives it to every row, so the bound is that of the
+two-pass predictor, a deterministic function of z_t.
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ class GaussianDiffusion(DiffusionFamily):
         s = self.process.settings
         return {"bound_name": "continuous-time VLB (VDM): prior KL + diffusion term + nearest-embedding "
                               "reconstruction, on −log p(tokens)",
-                "gamma_min": s.gamma_min, "gamma_max": s.gamma_max, "embed_dim": s.embed_dim}
+                "gamma_min": s.gamma_min, "gamma_max": s.gamma_max, "embed_dim": s.embed_dim,
+                "self_condition": s.self_condition}  # > 0: the bound of the two-pass predictor
 
     def build_model(self):
         self.process.reset_parameters()  # drawn with the network, under the same seed
