@@ -118,7 +118,7 @@ def points(args, runs) -> list[tuple[str, str, Path, int, Path | None]]:
     k = args.steps_per_round
     for teacher, student in (("mdlm", "sdtt"), ("usdm", "dcd")):
         if student in runs:
-            out += [(f"student {student}", student, runs[student], args.start_steps // 2**r,
+            out += [(f"student {student}{args.label_suffix}", student, runs[student], args.start_steps // 2**r,
                      runs[student] / "checkpoints" / f"step_{r * k:08d}" / "model.safetensors")
                     for r in range(1, args.rounds + 1)]
     for teacher in ("mdlm", "usdm"):
@@ -213,6 +213,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pooled(rows: list[dict]) -> str:
+    """Per model and step count, the samples of batch 1 and 16 together (the same sampler): exact
+    bits per token (standard error from each batch's), beside the CPU seconds per sample at each batch."""
+    lines = ["| model | steps | samples | bits/token (source) | likely | CPU s / sample, batch 1 | batch 16 |",
+             "|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["label"], r["steps"]) for r in rows):
+        group = {r["batch"]: r for r in rows if (r["label"], r["steps"]) == key}
+        n = {b: r["source_tokens"] for b, r in group.items()}
+        total = sum(n.values())
+        bits = sum(r["source_bits"] * n[b] for b, r in group.items()) / total
+        se = math.sqrt(sum((r["source_bits_stderr"] * n[b]) ** 2 for b, r in group.items())) / total
+        likely = sum(r["source_likely"] * n[b] for b, r in group.items()) / total
+        cpu = [f"{group[b]['cpu_s'] / n_samples(group[b]):.4f}" if b in group else "—" for b in (1, 16)]
+        lines.append(f"| {key[0]} | {key[1]} | {sum(n_samples(r) for r in group.values())} | {bits:.2f} ± {se:.2f} | "
+                     f"{likely:.2f} | {cpu[0]} | {cpu[1]} |")
+    return "\n".join(lines)
+
+
 def source_reference(args) -> dict | None:
     """The source's exact figures (bits per token): its entropy rate, the expected figure of a
     block of the sample length seen without its past, and its own samples' (and its unigram's
@@ -247,6 +265,7 @@ def main() -> None:
     p.add_argument("--data", choices=("markov2",), help="compare-source's synthetic source instead of Shakespeare "
                    "(sequences of 64, char tokenizer; samples judged exactly by the source)")
     p.add_argument("--teacher-grid", default="4,8,16,32,64,128,256,512,1024")
+    p.add_argument("--label-suffix", default="", help="after the students' labels (a second distillation's rows)")
     p.add_argument("--mdlm-grid", help="the MDLM teacher's steps (default: --teacher-grid)")
     p.add_argument("--usdm-grid", help="the USDM teacher's steps (default: --teacher-grid)")
     p.add_argument("--usdm", action="store_true", help="also a USDM teacher and its DCD students")
@@ -260,6 +279,8 @@ def main() -> None:
         rows = [r for f in sorted(Path(args.out).parent.glob("results*.json")) for r in json.loads(f.read_text())["rows"]]
         plot(rows, Path(args.out).with_name("quality_vs_time.png"), source_reference(args))
         print(table(rows))
+        if args.data is not None:
+            print("\n" + pooled(rows))
         return
     torch.set_num_threads(1)
     t0 = time.time()
