@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from dlm.backbones import KVCache
-from dlm.device import to_host
+from dlm.device import to_host, true_positions
 from dlm.errors import DlmError
 from dlm.processes.causal import Causal
 from dlm.samplers.base import UNSET, Sampler, filter_logits, sample_categorical
@@ -47,7 +47,7 @@ class AutoregressiveSampler(Sampler):
         nfe = 0
         host = to_host(lengths)  # one host synchronisation; the groups' rows are indexed from the host
         for n in sorted(set(host)):
-            rows = torch.tensor([b for b, m in enumerate(host) if m == n], device=given.device)
+            rows = true_positions(lengths == n, host.count(n))  # on the device (a copy from the host would wait)
 
             def grown(part, rows=rows):  # one more token in these rows: the whole state, recorded
                 state[rows, : part.shape[1]] = part

@@ -99,7 +99,7 @@ def evaluate_counted(model, x, where, t, pad, counter: NetworkCalls, per_row: li
     counter.rows += len(rows)
     if len(rows) == x.shape[0]:
         return model(x, t, score_mask=where, pad=pad, score_count=sum(per_row))
-    idx = torch.tensor(rows, device=x.device)
+    idx = true_positions(where.any(-1), len(rows))  # no copy from the host (on CUDA it would wait)
     return _row_view(model, idx)(x[idx], None if t is None else t[idx], score_mask=where[idx],
                                  pad=None if pad is None else pad[idx], score_count=sum(per_row))
 
@@ -249,14 +249,16 @@ def draw_ahead(masked: torch.Tensor, p_unmask: list[float], generator: torch.Gen
     (B, L) long: the first step k of the window at which a ``masked`` position's uniform falls
     below p_k (the window's length where none does, and at unmasked positions); ``states``
     the generator's state after each step's draw."""
-    width = len(p_unmask)
-    first = torch.full(masked.shape, width, dtype=torch.long, device=masked.device)
+    width, device = len(p_unmask), masked.device
+    u = torch.empty(masked.shape, dtype=torch.float64, device=device)
+    below = torch.empty((width, *masked.shape), dtype=torch.bool, device=device)  # (width, B, L)
     states = []
-    for k, p in enumerate(p_unmask):
-        u = torch.rand(masked.shape, generator=generator, device=masked.device, dtype=torch.float64)
-        first = torch.where(masked & (u < p) & (first == width), k, first)
+    for k, p in enumerate(p_unmask):  # two kernels a step (p a host float: no copy to the device)
+        torch.rand(masked.shape, generator=generator, device=device, dtype=torch.float64, out=u)
+        torch.lt(u, p, out=below[k])
         states.append(generator.get_state())
-    return first, states
+    below &= masked
+    return torch.where(below.any(0), below.to(torch.uint8).argmax(0), width), states  # argmax: the first
 
 
 def unmask_counts(first: torch.Tensor, width: int) -> torch.Tensor:
