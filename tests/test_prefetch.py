@@ -1,6 +1,7 @@
 """Data read ahead by a thread (PrefetchLoader): the batches of the loader bit for bit, a state
 that is the consumer's (exact resume), FSDP2's mixed-precision policy, DDP without buffer
-broadcasts (no dlm model has a buffer that training changes) and the torch floor."""
+broadcasts (no dlm model has a buffer that training changes), the torch floor and the step's
+one foreach gradient scaling."""
 
 import re
 import sys
@@ -107,3 +108,24 @@ def test_the_torch_floor_is_2_5_and_this_machines_build_is_taken():
     assert lo == "2.5"
     version = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
     assert tuple(int(x) for x in lo.split(".")) <= version < tuple(int(x) for x in hi.split("."))
+
+
+def test_the_step_scales_every_gradient_by_world_over_count():
+    """accumulate_gradients' one foreach call: the gradient of Σ nats / Σ count, as the loop
+    over tensors gave it."""
+    from dlm.distributed import Dist
+    from dlm.trainer.step import accumulate_gradients
+
+    fam, model = build("masked")
+    b = batch()
+    loss_value = accumulate_gradients(fam, model, model, [b], torch.Generator().manual_seed(5), Dist(),
+                                      torch.device("cpu"))
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    s = fam.loss(model, b, torch.Generator().manual_seed(5))
+    (s.nats.sum() / s.count.sum()).backward()
+    assert got and got.keys() == {k for k, p in model.named_parameters() if p.grad is not None}
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[k], p.grad, rtol=1e-5, atol=1e-7, msg=k)
+    torch.testing.assert_close(loss_value.float(), (s.nats.sum() / s.count.sum()).detach(), rtol=1e-5, atol=1e-6)
