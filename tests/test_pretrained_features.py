@@ -110,3 +110,45 @@ def test_two_processes_train_a_pretrained_model_as_one(folders, tmp_path, parall
         weights[name] = load_run(out, "cpu").model.state_dict()
     for k, v in weights["one"].items():
         torch.testing.assert_close(weights["two"][k], v, rtol=1e-4, atol=2e-5, msg=k)
+
+
+def char_causal_lm(folder):
+    """A random 2-layer Llama over the 8 symbols a..h and end-of-text, with a character-level
+    fast tokenizer (BPE without merges): one token a symbol, so a bound per token is per symbol."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {c: i for i, c in enumerate("abcdefgh")}
+    vocab["<|endoftext|>"] = 8
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.add_special_tokens(["<|endoftext|>"])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=9, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   bos_token_id=8, eos_token_id=8)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mdlm", "usdm"])
+def test_an_adapted_model_s_bound_is_not_below_the_entropy_rate(tmp_path, capsys, family):
+    """The adapted model (bidirectional, shifted logits, [MASK] row) trained on text of known
+    entropy rate H (tests/test_known_entropy.py): its held-out bound never lands below H (a
+    leak of x0 through the shift or the attention would), and it learns (far below log 8)."""
+    import math
+
+    from test_known_entropy import K, chain_file
+
+    path, H = chain_file(tmp_path)
+    model = char_causal_lm(tmp_path / "chars")
+    out = tmp_path / family
+    assert main(["train", "--init-from", f"hf:{model}", "--family", family, "--data", str(path), "--seq-len", "64",
+                 "--batch-size", "32", "--steps", "250", "--lr", "3e-3", "--out", str(out), "--quiet",
+                 "train.warmup_steps=20"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", "--max-tokens", "0", "--mc-samples", "8"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens"] >= 10_000 and r["bound"]
+    assert r["nll"] > H - 3 * r["stderr"] - 0.01, (r["nll"], H, r["stderr"])
+    assert r["nll"] < H + 0.5 * (math.log(K) - H), (r["nll"], H)
