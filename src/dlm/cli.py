@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -60,7 +61,9 @@ def cmd_train(args) -> int:
     else:
         cfg = build_config(args.config, args.overrides, flags)
     if not args.resume and cfg.distill != type(cfg.distill)():  # a student's rounds and steps are dlm distill's
-        raise DlmError("distill.* settings are dlm distill's: run `dlm distill TEACHER --out DIR` "
+        default = dataclasses.asdict(type(cfg.distill)())
+        keys = ", ".join(f"distill.{k}" for k, v in dataclasses.asdict(cfg.distill).items() if v != default[k])
+        raise DlmError(f"{keys}: distill.* settings are dlm distill's: run `dlm distill TEACHER --out DIR` "
                        "(it sets the rounds' training and sampling steps), not dlm train")
     result = train(cfg, out, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:
