@@ -28,9 +28,12 @@ A single process (world 1) is the plain model whatever ``train.parallel`` says.
 from __future__ import annotations
 
 import contextlib
+import gc
+import inspect
 import os
 import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,8 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     name = "ddp"
+    # the DDP modules :meth:`wrap` made, released by :meth:`shutdown` (weak: never kept alive)
+    _wrapped: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -105,7 +110,14 @@ class Dist:
         # gradients as views of the all-reduce buckets: no copy in and out of them each step;
         # no broadcast of the buffers before every forward (DDP's default): dlm's models hold
         # none that training changes (RoPE tables, computed alike on every rank: tested)
-        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
+        # (torch ≥ 2.13 names it forward_sync_buffers and deprecates broadcast_buffers with a
+        # warning on every rank; the new flag still syncs buffers once at init: harmless)
+        no_buffer_sync = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
+        net = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, **no_buffer_sync)
+        self._wrapped.append(weakref.ref(net))
+        return net
 
     def no_sync(self, net: torch.nn.Module):
         """Accumulate gradients locally: no all-reduce in the backward passes inside."""
@@ -187,8 +199,26 @@ class Dist:
         return torch.device("cpu")
 
     def shutdown(self) -> None:
-        if self.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        """Leave the process group, after releasing what the DDP modules hold of it.
+
+        A DDP module's reducer (and the logger that shares it) keeps the Gloo process group
+        alive; were it the group's last holder, the group's destructor would run when the
+        module is freed, with the GIL held, and wait on a Gloo worker thread that needs the
+        GIL to free its last work's tensors: the process hangs at exit (seen in 1 of 17
+        two-rank runs here, torch 2.13). Freed here, while the world still holds the group,
+        the reducers only let go of it; ``destroy_process_group`` then frees the group
+        from Python, which releases the GIL for its destructor.
+        """
+        if not (self.enabled and torch.distributed.is_initialized()):
+            return
+        for ref in self._wrapped:
+            net = ref()
+            if net is not None:  # after shutdown the module is not used for DDP again
+                for name in ("logger", "reducer"):
+                    net.__dict__.pop(name, None)
+        self._wrapped.clear()
+        gc.collect()  # DDP modules only reference cycles still hold
+        torch.distributed.destroy_process_group()
 
 
 @dataclass
