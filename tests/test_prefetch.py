@@ -109,14 +109,13 @@ def test_ddp_wraps_without_buffer_broadcasts_and_shutdown_releases_the_reducer()
     _, model = build("masked")
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
+        dist = Dist(rank=0, world=2)
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
-            net = Dist(rank=0, world=2).wrap(model)
+            net = dist.wrap(model)
         synced = getattr(net, "forward_sync_buffers", getattr(net, "broadcast_buffers", None))
         assert synced is False
         assert "reducer" in net.__dict__
-        dist = Dist(rank=0, world=2)
-        net = dist.wrap(model)
         dist.shutdown()
         assert not torch.distributed.is_initialized()
         assert "reducer" not in net.__dict__ and "logger" not in net.__dict__
